@@ -116,13 +116,10 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tiny_hf_dir: Pat
         assert (again / name).read_bytes() == (tiny_hf_dir / name).read_bytes(), name
     assert (other / "model.safetensors").read_bytes() != (tiny_hf_dir / "model.safetensors").read_bytes()
     assert (other / "tokenizer.json").read_bytes() == (tiny_hf_dir / "tokenizer.json").read_bytes()
-    with (
-        safe_open(str(tiny_hf_dir / "model.safetensors"), "pt") as a,
-        safe_open(str(other / "model.safetensors"), "pt") as b,
-    ):
-        assert all(
-            not torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in ("model.layers.0.mlp.up_proj.weight",)
-        )
+    name = "model.layers.0.mlp.up_proj.weight"
+    seed0_path, seed1_path = str(tiny_hf_dir / "model.safetensors"), str(other / "model.safetensors")
+    with safe_open(seed0_path, "pt") as seed0, safe_open(seed1_path, "pt") as seed1:
+        assert not torch.equal(seed0.get_tensor(name), seed1.get_tensor(name))
     with pytest.raises(FileExistsError, match="overwrite"):
         build_tiny_checkpoint(again, seed=0)
 
