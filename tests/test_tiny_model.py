@@ -173,6 +173,14 @@ def test_small_vision_tower_uses_windows_and_full_attention(small_hf_dir: Path):
         full = vision(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
     assert windowed.shape == (16, model.config.text_config.hidden_size)
     assert not torch.allclose(windowed, full, atol=1e-6)
+    # 140x140 -> 5x5 merged patches: windows are padded at the border, and the model still runs end to end
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    batch = processor(text=[prompt], images=[_shapes_image((140, 140), seed=6)], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 25
+    assert torch.isfinite(logits).all()
     small = PRESETS["small"]
     assert 112 // small.window_size == 2  # 2x2 windows of 2x2 merged patches on the 4x4 merged grid
     text = model.config.text_config
@@ -206,6 +214,14 @@ def test_qwen_vocabulary_variant(qwen_vocab_hf_dir: Path):
 def test_bpe_tokenizer_roundtrips_task_text_and_keeps_markers_whole(tiny_hf_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
     assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    assert (
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == EXPECTED_PROMPT
+    )
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(with_system, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
     assert 300 < len(tokenizer) < 500
     for marker in ("<think>", "</think>", "<|im_start|>", "<|image_pad|>"):
         assert len(tokenizer(marker)["input_ids"]) == 1, marker
@@ -245,5 +261,10 @@ def test_presets_validate_and_cli_writes_a_folder(tmp_path: Path, capsys: pytest
     assert (info["preset"], info["seed"], info["tokenizer"]) == ("tiny", 3, "bpe")
     with pytest.raises(SystemExit, match="overwrite"):
         make_tiny_model_main(["--out", str(tmp_path / "cli")])
-    make_tiny_model_main(["--out", str(tmp_path / "cli"), "--overwrite", "--seed", "4"])
+    make_tiny_model_main(
+        ["--out", str(tmp_path / "cli"), "--overwrite", "--seed", "4", "--dtype", "bfloat16"]
+    )
     assert json.loads((tmp_path / "cli" / "tiny_model_build.json").read_text())["seed"] == 4
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "cli" / "model.safetensors"), "pt") as handle:
+        assert handle.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
