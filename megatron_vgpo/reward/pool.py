@@ -3,7 +3,9 @@
 sympy (behind mathruler and math-verify) can take minutes on a pathological answer such as a tower of
 exponents. ``RewardGrader`` hands items one at a time to long-lived worker processes; an item that runs past
 ``timeout_s`` scores 0.0, is counted and logged, and its worker is killed and replaced, so one bad answer
-never stalls a training step. Workers are reused across ``score_batch`` calls.
+never stalls a training step. Workers are reused across ``score_batch`` calls. A worker counts as started
+once it has imported the grading code and graded one warm-up item, so start-up time never eats into an
+item's time limit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[str, str], float]
 
+# First message a worker sends once it is ready to grade.
+_READY = "ready"
+# Longest a new worker may take to import the grading code and grade its warm-up item.
+WORKER_STARTUP_TIMEOUT_S: float = 120.0
+
 
 @dataclass
 class GradingStats:
@@ -42,10 +49,15 @@ class GradingStats:
 
 
 def _worker_loop(connection: Connection, score_fn: ScoreFn) -> None:
-    """Worker process body: receive ``(index, response, answer)``, send ``(index, score, error_or_None)``.
-
-    A ``None`` message or a closed pipe ends the loop.
+    """Worker process body: warm up, send ``_READY``, then answer ``(index, response, answer)`` messages with
+    ``(index, score, error_or_None)``. A ``None`` message or a closed pipe ends the loop.
     """
+    with contextlib.suppress(Exception):
+        score_fn("\\boxed{1}", "1")  # import and initialise sympy / math-verify before the first timed item
+    try:
+        connection.send(_READY)
+    except (BrokenPipeError, OSError):
+        return
     while True:
         try:
             message = connection.recv()
@@ -65,14 +77,16 @@ def _worker_loop(connection: Connection, score_fn: ScoreFn) -> None:
 
 
 class _Worker:
-    """One grading process and the parent's end of its pipe."""
+    """One grading process and the parent's end of its pipe; ``ready`` once its warm-up is done."""
 
     def __init__(self, context: Any, score_fn: ScoreFn) -> None:
         parent_end, child_end = context.Pipe(duplex=True)
         self.connection: Connection = parent_end
         self.process = context.Process(target=_worker_loop, args=(child_end, score_fn), daemon=True)
+        self.launched_at = time.monotonic()
         self.process.start()
         child_end.close()
+        self.ready = False
         self.item_index: int | None = None
         self.started_at: float = 0.0
 
@@ -109,6 +123,8 @@ class RewardGrader:
     ``num_workers=0`` grades in the calling process without any time limit (debugging only).
     ``start_method`` is a multiprocessing start method; "forkserver" keeps workers free of the trainer's
     threads and large tensors. ``stats`` holds totals since construction, ``last_batch_stats`` the last call.
+    A worker that cannot start (``score_fn`` not importable in a child, start-up past
+    ``WORKER_STARTUP_TIMEOUT_S``) raises ``RuntimeError``: that is a set-up error, not a wrong answer.
     """
 
     def __init__(
@@ -153,10 +169,6 @@ class RewardGrader:
         self._workers = []
         self._closed = True
 
-    def _ensure_workers(self) -> None:
-        while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._context, self.score_fn))
-
     def _replace(self, worker: _Worker) -> _Worker:
         """Kill ``worker`` (hung or dead) and start a fresh one in its slot; returns the new worker."""
         position = self._workers.index(worker)
@@ -194,32 +206,64 @@ class RewardGrader:
     def _score_in_workers(
         self, responses: Sequence[str], answers: Sequence[str], batch_stats: GradingStats
     ) -> list[float]:
-        self._ensure_workers()
-        scores: list[float | None] = [None] * len(responses)
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker(self._context, self.score_fn))
+        scores: list[float] = [0.0] * len(responses)
         pending = deque(range(len(responses)))
-        idle = list(self._workers)
+        idle = [worker for worker in self._workers if worker.ready]
+        starting = {worker.connection: worker for worker in self._workers if not worker.ready}
         busy: dict[Connection, _Worker] = {}
 
-        def dispatch() -> None:
+        def record_failure(worker: _Worker, reason: str, is_timeout: bool) -> None:
+            index = worker.item_index
+            assert index is not None
+            scores[index] = 0.0
+            if is_timeout:
+                batch_stats.timeouts += 1
+            else:
+                batch_stats.errors += 1
+            logger.warning(
+                "RewardGrader: item %d scored 0.0: %s (answer %r, response tail %r)",
+                index,
+                reason,
+                str(answers[index])[:80],
+                responses[index][-200:],
+            )
+            replacement = self._replace(worker)
+            starting[replacement.connection] = replacement
+
+        while pending or busy:
             while pending and idle:
                 worker = idle.pop()
                 index = pending.popleft()
                 worker.submit(index, responses[index], str(answers[index]))
                 busy[worker.connection] = worker
-
-        dispatch()
-        while busy:
-            next_deadline = min(worker.started_at for worker in busy.values()) + self.timeout_s
-            ready = wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic()))
-            for connection in ready:
+            deadlines = [worker.started_at + self.timeout_s for worker in busy.values()]
+            deadlines += [worker.launched_at + WORKER_STARTUP_TIMEOUT_S for worker in starting.values()]
+            timeout = max(0.0, min(deadlines) - time.monotonic())
+            for connection in wait([*busy, *starting], timeout=timeout):
+                if connection in starting:
+                    worker = starting.pop(connection)  # type: ignore[arg-type]
+                    try:
+                        message = connection.recv()  # type: ignore[union-attr]
+                    except (EOFError, OSError):
+                        raise RuntimeError(
+                            f"RewardGrader: a grading worker exited during start-up (exit code "
+                            f"{worker.process.exitcode}); is score_fn {self.score_fn!r} importable in a "
+                            "child process?"
+                        ) from None
+                    assert message == _READY, message
+                    worker.ready = True
+                    idle.append(worker)
+                    continue
                 worker = busy.pop(connection)  # type: ignore[arg-type]
                 try:
                     index, item_score, error = connection.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
-                    index, item_score = worker.item_index, 0.0
-                    error = f"worker process died (exit code {worker.process.exitcode})"
-                    worker = self._replace(worker)
-                assert index is not None
+                    record_failure(
+                        worker, f"worker process died (exit code {worker.process.exitcode})", False
+                    )
+                    continue
                 scores[index] = item_score
                 if error is not None:
                     batch_stats.errors += 1
@@ -229,18 +273,11 @@ class RewardGrader:
             for connection, worker in list(busy.items()):
                 if now - worker.started_at >= self.timeout_s:
                     del busy[connection]
-                    index = worker.item_index
-                    assert index is not None
-                    scores[index] = 0.0
-                    batch_stats.timeouts += 1
-                    logger.warning(
-                        "RewardGrader: item %d timed out after %.1f s (answer %r, response tail %r); "
-                        "scored 0.0",
-                        index,
-                        self.timeout_s,
-                        str(answers[index])[:80],
-                        responses[index][-200:],
+                    record_failure(worker, f"timed out after {self.timeout_s:.1f} s", True)
+            for worker in starting.values():
+                if now - worker.launched_at >= WORKER_STARTUP_TIMEOUT_S:
+                    raise RuntimeError(
+                        "RewardGrader: a grading worker did not start within "
+                        f"{WORKER_STARTUP_TIMEOUT_S:.0f} s"
                     )
-                    idle.append(self._replace(worker))
-            dispatch()
-        return [float(value) for value in scores]  # type: ignore[arg-type]
+        return scores
