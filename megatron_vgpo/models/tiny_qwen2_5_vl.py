@@ -37,7 +37,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from megatron_vgpo.models.tokenizers import TokenizerKind, build_tokenizer, special_token_ids
+from megatron_vgpo.models.tokenizers import TOKENIZER_KINDS, TokenizerKind, build_tokenizer, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +330,10 @@ def build_tiny_checkpoint(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; expected one of {sorted(_DTYPES)}")
+    if tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZER_KINDS}")
     sizes = PRESETS[preset]
     out_path = Path(out_dir)
     _prepare_out_dir(out_path, overwrite)
