@@ -188,7 +188,10 @@ class DynamicSamplingBuffer:
             self.num_groups += kept_groups
         logger.info(
             "dynamic sampling round %d: kept %d groups, %d/%d collected",
-            self.rounds, kept_groups, self.num_groups, self.target_groups,
+            self.rounds,
+            kept_groups,
+            self.num_groups,
+            self.target_groups,
         )
         if not self.is_full and self.max_rounds > 0 and self.rounds >= self.max_rounds:
             raise DynamicSamplingExhausted(
@@ -215,7 +218,8 @@ class DynamicSamplingBuffer:
         """Bookkeeping numbers for logging."""
         mean_disagree = (
             sum(self.disagreement_fractions) / len(self.disagreement_fractions)
-            if self.disagreement_fractions else 0.0
+            if self.disagreement_fractions
+            else 0.0
         )
         return {
             "dynamic_sampling/rounds": float(self.rounds),

@@ -324,7 +324,8 @@ def compute_token_weights(
 
     diagnostics = (
         _token_diagnostics(rho, w_hat, token_factor, comp, gate, position, length, mask, cfg)
-        if cfg.diagnostics else {}
+        if cfg.diagnostics
+        else {}
     )
     return TokenWeights(w_hat, token_factor, trajectory_score, diagnostics)
 
