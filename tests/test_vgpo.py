@@ -393,3 +393,57 @@ def test_shape_errors_name_the_argument() -> None:
         focus_from_cosine(torch.zeros(2, 3), torch.ones(2, 3), VGPOConfig(), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="group_ids"):
         trajectory_factors(torch.zeros(3), torch.zeros(2).long(), VGPOConfig())
+
+
+@pytest.mark.parametrize("block_elements", [1, 20, 64])
+def test_cpu_row_blocks_do_not_change_results(monkeypatch: pytest.MonkeyPatch, block_elements: int) -> None:
+    import megatron_vgpo.algo.vgpo as vgpo_module
+
+    rng = np.random.default_rng(5)
+    cos, lengths, has_image, group_ids = random_batch(rng, B=19)
+    mask = mask_from_lengths(lengths, cos.shape[1])
+    cfg = VGPOConfig(focus_norm="batch_minmax", imageless="reference")
+    rho = focus_from_cosine(torch.tensor(cos), mask, cfg, torch.tensor(has_image))
+    whole = compute_vgpo_factors(rho, mask, torch.tensor(group_ids), cfg, torch.tensor(has_image))
+    monkeypatch.setattr(vgpo_module, "CPU_BLOCK_ELEMENTS", block_elements)
+    blocked = compute_vgpo_factors(rho, mask, torch.tensor(group_ids), cfg, torch.tensor(has_image))
+    assert torch.equal(whole.token_factor, blocked.token_factor)
+    assert torch.equal(whole.traj_factor, blocked.traj_factor)
+    assert whole.diagnostics.keys() == blocked.diagnostics.keys()
+    for key, value in whole.diagnostics.items():
+        assert blocked.diagnostics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_diagnostics_match_restatement_on_appendix_b() -> None:
+    """Spec 7.2 metrics recomputed by hand-written loops on the Appendix B batch."""
+    cfg = VGPOConfig(focus_norm="batch_minmax", grouping="reference_blocks")
+    cos, mask = appendix_batch()
+    rho = focus_from_cosine(cos.double(), mask, cfg)
+    d = compute_vgpo_factors(rho, mask, None, cfg).diagnostics
+    lengths = [6, 4, 1]
+    w_hat, f, _, g, gates = ref_vgpo(rho.numpy(), lengths, None, [True] * 3, cfg)
+    valid = mask.numpy()
+    assert d["intra_weight_mean"] == pytest.approx(w_hat[valid].mean())
+    assert d["intra_weight_std"] == pytest.approx(w_hat[valid].std())
+    assert d["advantage_weighting_factor_min"] == pytest.approx(f[valid].min())
+    assert d["trajectory_weighting_factor_max"] == pytest.approx(g.max())
+    early = [gates[i, t] for i, L in enumerate(lengths) for t in range(L // 3)]
+    late = [gates[i, t] for i, L in enumerate(lengths) for t in range(L - L // 3, L)]
+    assert d["gating_pass_rate_early"] == pytest.approx(np.mean(early))
+    assert d["gating_pass_rate_late"] == pytest.approx(np.mean(late))
+    comp_late = [
+        1 + gates[i, t] * ref_comp(t, L, cfg) for i, L in enumerate(lengths) for t in range(L - L // 3, L)
+    ]
+    assert d["visual_compensation_late_mean"] == pytest.approx(np.mean(comp_late))
+    first, second = [], []
+    for i, L in enumerate(lengths):
+        r = rho[i, :L].tolist()
+        tau = sorted(r, reverse=True)[max(1, int(0.4 * L)) - 1]
+        marked = [1 if v >= tau else 0 for v in r]
+        first.append(sum(marked[: L // 2]) / L)
+        second.append(sum(marked[L // 2 :]) / L)
+    assert d["visual_token_percentage_first_half"] == pytest.approx(np.mean(first))
+    assert d["visual_token_percentage_second_half"] == pytest.approx(np.mean(second))
+    assert d["visual_token_percentage_late_early_ratio"] == pytest.approx(
+        np.mean(second) / (np.mean(first) + 1e-8)
+    )

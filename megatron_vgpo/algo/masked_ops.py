@@ -14,6 +14,7 @@ __all__ = [
     "check_same_shape",
     "group_index",
     "masked_mean",
+    "masked_row_kth_largest",
     "masked_row_max",
     "masked_row_min",
     "masked_row_minmax_normalize",
@@ -109,3 +110,17 @@ def group_index(group_ids: torch.Tensor, name: str = "group_ids") -> tuple[torch
 def safe_ratio(numerator: float, denominator: float, eps: float = 1e-8) -> float:
     """``numerator / (denominator + eps)``: the convention of the reference code's late/early ratios."""
     return float(numerator) / (float(denominator) + eps)
+
+
+def masked_row_kth_largest(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-row ``k``-th largest of ``scores [B, T]`` among ``candidates [B, T]`` (bool), as ``[B, 1]``.
+
+    ``k [B]`` (int64, >= 1) may differ per row; rows with fewer than ``k`` candidates (e.g. none) get -inf.
+    One ``topk`` with the largest ``k`` of the batch, then a per-row gather.
+    """
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    if masked.shape[0] == 0 or masked.shape[1] == 0:
+        return torch.full((masked.shape[0], 1), float("-inf"), dtype=scores.dtype, device=scores.device)
+    k_max = min(int(k.max()), masked.shape[1])
+    top = masked.topk(k_max, dim=-1, sorted=True).values
+    return top.gather(-1, (k - 1).clamp(max=k_max - 1).unsqueeze(-1))

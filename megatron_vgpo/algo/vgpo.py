@@ -31,10 +31,11 @@ import torch
 from megatron_vgpo.algo.masked_ops import (
     as_bool_mask,
     group_index,
+    masked_row_kth_largest,
     masked_row_minmax_normalize,
-    safe_ratio,
     valid_positions,
 )
+from megatron_vgpo.algo.vgpo_diagnostics import block_moments, finish_token_metrics, merge_moments
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ __all__ = [
 ]
 
 MINMAX_EPS = 1e-8
-VISUAL_TOKEN_TOP_FRACTION = 0.4  # fraction marked by the visual_token_percentage_* metrics (spec 7.2)
+# On CPU, compute_token_weights works on blocks of about this many [B, T] slots (a few MiB per temporary,
+# cache resident): measured 3x faster than one pass over B=4096 x T=2048. Other devices use one block.
+CPU_BLOCK_ELEMENTS = 1 << 19
 
 SCHEDULES = ("linear", "exponential", "step")
 FOCUS_NORMS = ("affine", "batch_minmax")
@@ -257,16 +260,6 @@ def compensation_schedule(
     return torch.where(mask & (u >= s), comp, torch.zeros_like(comp))
 
 
-def _topk_threshold(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per-row k-th largest of ``scores`` among ``candidates`` (``k [B] >= 1``); -inf if no candidate."""
-    masked = scores.masked_fill(~candidates, float("-inf"))
-    if masked.shape[0] == 0 or masked.shape[1] == 0:
-        return torch.full((masked.shape[0], 1), float("-inf"), dtype=scores.dtype, device=scores.device)
-    k_max = min(int(k.max()), masked.shape[1])
-    top = masked.topk(k_max, dim=-1, sorted=True).values
-    return top.gather(-1, (k - 1).clamp(max=k_max - 1).unsqueeze(-1))
-
-
 def late_tail_gate(
     rho: torch.Tensor, position: torch.Tensor, length: torch.Tensor, mask: torch.Tensor, cfg: VGPOConfig
 ) -> torch.Tensor:
@@ -277,7 +270,7 @@ def late_tail_gate(
     n_tail = (length - tail_start).to(torch.float64)
     k = torch.floor(cfg.kappa * n_tail).long().clamp(min=1)
     tail = mask & (position >= tail_start.unsqueeze(-1))
-    threshold = _topk_threshold(rho, tail, k)
+    threshold = masked_row_kth_largest(rho, tail, k)
     return tail & (rho >= threshold)
 
 
@@ -299,9 +292,37 @@ def compute_token_weights(
     mask = _check_batch("rho", rho, response_mask)
     image = _check_has_image(has_image, rho.shape[0])
     dtype = _compute_dtype(rho)
-    rho = rho.to(dtype) * mask.to(dtype)
-    position, length = valid_positions(mask)
+    batch, width = rho.shape
+    rows = batch
+    if rho.device.type == "cpu" and batch * width > CPU_BLOCK_ELEMENTS:
+        rows = max(1, CPU_BLOCK_ELEMENTS // max(width, 1))
+    # A loop over row BLOCKS (not sequences): each block is fully vectorized; see CPU_BLOCK_ELEMENTS.
+    blocks = [
+        _token_weights_block(
+            rho[start : start + rows].to(dtype),
+            mask[start : start + rows],
+            None if image is None else image[start : start + rows],
+            cfg,
+        )
+        for start in range(0, max(batch, 1), max(rows, 1))
+    ]
+    if len(blocks) == 1:
+        w_hat, token_factor, score, _ = blocks[0]
+    else:
+        w_hat = torch.cat([b[0] for b in blocks])
+        token_factor = torch.cat([b[1] for b in blocks])
+        score = torch.cat([b[2] for b in blocks])
+    diagnostics = finish_token_metrics(merge_moments([b[3] for b in blocks])) if cfg.diagnostics else {}
+    return TokenWeights(w_hat, token_factor, score, diagnostics)
 
+
+def _token_weights_block(
+    rho: torch.Tensor, mask: torch.Tensor, image: torch.Tensor | None, cfg: VGPOConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``compute_token_weights`` on one row block: (w_hat, token_factor, score, diagnostic moments)."""
+    dtype = rho.dtype
+    rho = rho * mask.to(dtype)
+    position, length = valid_positions(mask)
     comp = gate = None
     if cfg.intra and cfg.compensation:
         comp = compensation_schedule(position, length, mask, cfg, dtype)
@@ -312,22 +333,20 @@ def compute_token_weights(
     else:
         w = rho  # intra off: inter uses the per-sequence min-max of rho, uncompensated (spec 4.2)
     w_hat = masked_row_minmax_normalize(w, mask, MINMAX_EPS)
-    trajectory_score = w_hat.sum(dim=-1)
-
+    score = w_hat.sum(dim=-1)
     if cfg.intra:
-        mean_w_hat = w_hat.sum(dim=-1, keepdim=True) / length.clamp(min=1).unsqueeze(-1).to(dtype)
+        mean_w_hat = score.unsqueeze(-1) / length.clamp(min=1).unsqueeze(-1).to(dtype)
         factor = (1.0 + w_hat - mean_w_hat).clamp(*cfg.token_clamp)
         keep = mask if image is None or cfg.imageless == "reference" else mask & image.unsqueeze(-1)
         token_factor = torch.where(keep, factor, torch.ones_like(factor))
     else:
         token_factor = torch.ones_like(w_hat)
-
-    diagnostics = (
-        _token_diagnostics(rho, w_hat, token_factor, comp, gate, position, length, mask, cfg)
+    moments = (
+        block_moments(rho, w_hat, token_factor, comp, gate, position, length, mask)
         if cfg.diagnostics
-        else {}
+        else None
     )
-    return TokenWeights(w_hat, token_factor, trajectory_score, diagnostics)
+    return w_hat, token_factor, score, moments
 
 
 def _block_groups(batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -437,69 +456,3 @@ def apply_vgpo(advantages: torch.Tensor, factors: VGPOFactors, response_mask: to
     dtype = torch.promote_types(advantages.dtype, factors.token_factor.dtype)
     traj = factors.traj_factor.to(dtype).unsqueeze(-1)
     return advantages.to(dtype) * traj * factors.token_factor.to(dtype) * mask.to(dtype)
-
-
-def _stats(prefix: str, values: torch.Tensor, names: tuple[str, ...]) -> dict[str, float]:
-    v = values.to(torch.float64)
-    if v.numel() == 0:
-        return {f"{prefix}_{n}": 0.0 for n in names}
-    table = {"mean": v.mean(), "min": v.min(), "max": v.max(), "std": v.std(unbiased=False)}
-    return {f"{prefix}_{n}": float(table[n]) for n in names}
-
-
-def _token_diagnostics(
-    rho: torch.Tensor,
-    w_hat: torch.Tensor,
-    token_factor: torch.Tensor,
-    comp: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    position: torch.Tensor,
-    length: torch.Tensor,
-    mask: torch.Tensor,
-    cfg: VGPOConfig,
-) -> dict[str, float]:
-    """Spec 7.2 metrics. "early"/"late" = first/last floor(L/3) valid tokens, pooled over the batch."""
-    out: dict[str, float] = {}
-    all4 = ("mean", "min", "max", "std")
-    out.update(_stats("intra_weight", w_hat[mask], all4))
-    out.update(_stats("advantage_weighting_factor", token_factor[mask], all4))
-    third = (length // 3).unsqueeze(-1)
-    early = mask & (position < third)
-    late = mask & (position >= length.unsqueeze(-1) - third)
-    if comp is not None:
-        multiplier = 1.0 + comp  # the factor applied to rho
-        out.update(_stats("visual_compensation", multiplier[mask], ("mean", "max", "std")))
-        e, lt = _mean_or_zero(multiplier[early]), _mean_or_zero(multiplier[late])
-        out.update(
-            visual_compensation_early_mean=e,
-            visual_compensation_late_mean=lt,
-            visual_compensation_late_early_ratio=safe_ratio(lt, e),
-        )
-    if gate is not None:
-        g = gate.to(torch.float64)
-        e, lt = _mean_or_zero(g[early]), _mean_or_zero(g[late])
-        out.update(
-            gating_pass_rate=_mean_or_zero(g[mask]),
-            gating_pass_rate_early=e,
-            gating_pass_rate_late=lt,
-            gating_pass_rate_late_early_ratio=safe_ratio(lt, e),
-        )
-    # Hidden-state proxy of visual forgetting on the UNcompensated rho: top 40% of valid tokens per row.
-    k = torch.floor(VISUAL_TOKEN_TOP_FRACTION * length.to(torch.float64)).long().clamp(min=1)
-    marked = (mask & (rho >= _topk_threshold(rho, mask, k))).to(torch.float64)
-    first_half = position < (length // 2).unsqueeze(-1)
-    rows = length > 0
-    denom = length.clamp(min=1).to(torch.float64)
-    first = _mean_or_zero(((marked * first_half).sum(-1) / denom)[rows])
-    second = _mean_or_zero(((marked * ~first_half).sum(-1) / denom)[rows])
-    out.update(
-        visual_token_percentage_first_half=first,
-        visual_token_percentage_second_half=second,
-        visual_token_percentage_total=first + second,
-        visual_token_percentage_late_early_ratio=safe_ratio(second, first),
-    )
-    return out
-
-
-def _mean_or_zero(values: torch.Tensor) -> float:
-    return float(values.to(torch.float64).mean()) if values.numel() else 0.0
