@@ -168,6 +168,13 @@ def test_building_blocks_add_up_over_row_and_column_shards():
         for t in range(int(lengths[i])):
             assert torch.equal(states[i, t], hidden[int(starts[i]) + t - 1, i])
     assert (states[~valid] == 0).all()
+    # chunked upcasting (3 rows at a time) gives the same partials
+    tot3, _ = prototype_partials(hidden, mask, chunk_rows=3)
+    torch.testing.assert_close(tot3, total, atol=1e-6, rtol=0)
+    part3 = response_partials(hidden, proto, positions, valid, chunk_rows=3)
+    torch.testing.assert_close(part3.dot, full.dot, atol=1e-6, rtol=0)
+    torch.testing.assert_close(part3.sq_norm, full.sq_norm, atol=1e-6, rtol=0)
+    assert torch.equal(part3.held, full.held)
     cos = cosine_from_parts(full.dot, full.sq_norm, proto.square().sum(-1))
     ref, _ = reference_cosines(hidden, mask, starts, lengths, T, 1)
     torch.testing.assert_close((cos * valid).double(), ref, atol=1e-5, rtol=0)

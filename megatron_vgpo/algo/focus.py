@@ -52,6 +52,13 @@ __all__ = [
 COS_EPS = 1e-8
 STATE_POSITIONS = ("own", "producing")
 CLAMP_MODES = ("per_norm", "product")
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def _check_chunk(chunk_rows: int) -> int:
+    if int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return int(chunk_rows)
 
 
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -164,21 +171,28 @@ def row_lookup_from_positions(local_rows: torch.Tensor, seq_len: int) -> torch.T
     if local_rows.dim() != 1 or local_rows.is_floating_point():
         raise ValueError(f"local_rows must be an integer [s_local] tensor, got {tuple(local_rows.shape)}")
     if local_rows.numel() and (int(local_rows.min()) < 0 or int(local_rows.max()) >= seq_len):
-        raise ValueError(f"local_rows must lie in [0, {seq_len}), got range "
-                         f"[{int(local_rows.min())}, {int(local_rows.max())}]")
+        raise ValueError(
+            f"local_rows must lie in [0, {seq_len}), got range "
+            f"[{int(local_rows.min())}, {int(local_rows.max())}]"
+        )
     lookup = torch.full((seq_len,), -1, dtype=torch.int64, device=local_rows.device)
-    lookup[local_rows.to(torch.int64)] = torch.arange(local_rows.numel(), dtype=torch.int64,
-                                                      device=local_rows.device)
+    lookup[local_rows.to(torch.int64)] = torch.arange(
+        local_rows.numel(), dtype=torch.int64, device=local_rows.device
+    )
     return lookup
 
 
 @torch.no_grad()
-def prototype_partials(hidden: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prototype_partials(
+    hidden: torch.Tensor, image_mask: torch.Tensor, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial image-prototype sums over the rows of ``hidden``.
 
     Args:
         hidden: ``[s, b, h]`` final-norm states (or a shard: ``s`` local rows, ``h`` local columns).
         image_mask: ``[b, s]`` bool, image tokens among THESE rows (slice the full mask to the shard).
+        chunk_rows: at most this many image rows are upcast at a time (bounds the extra memory to
+            ``chunk_rows * h`` compute-dtype values; the loop runs over chunks, not tokens).
 
     Returns:
         ``sum [b, h]`` and ``count [b]``, both in the compute dtype (fp32 for bf16 input). Shards add up:
@@ -189,8 +203,10 @@ def prototype_partials(hidden: torch.Tensor, image_mask: torch.Tensor) -> tuple[
     mask = _check_image_mask(image_mask, batch, seq)
     dtype = compute_dtype(hidden)
     b_idx, s_idx = mask.nonzero(as_tuple=True)
-    states = hidden[s_idx, b_idx].to(dtype)  # [N_img, h]: only the image rows are upcast
-    total = torch.zeros(batch, width, dtype=dtype, device=hidden.device).index_add_(0, b_idx, states)
+    total = torch.zeros(batch, width, dtype=dtype, device=hidden.device)
+    for lo in range(0, b_idx.numel(), _check_chunk(chunk_rows)):  # only the image rows are upcast
+        bi, si = b_idx[lo:lo + chunk_rows], s_idx[lo:lo + chunk_rows]
+        total.index_add_(0, bi, hidden[si, bi].to(dtype))
     count = mask.sum(dim=1).to(dtype)
     return total, count
 
@@ -267,6 +283,7 @@ def response_partials(
     valid: torch.Tensor,
     *,
     row_lookup: torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> ResponsePartials:
     """Dot products with the prototype and squared norms of the response states held by this shard.
 
@@ -277,7 +294,7 @@ def response_partials(
         row_lookup: ``[seq_len]`` from ``row_lookup_from_positions`` when ``hidden`` holds a subset of rows;
             None when it holds every row in order.
 
-    Only the ``N`` held valid rows are gathered and upcast (``N x h`` memory).
+    Only the held valid rows are gathered and upcast, ``chunk_rows`` at a time (``chunk_rows x h`` memory).
     """
     _check_hidden(hidden)
     batch, slots = positions.shape
@@ -288,11 +305,14 @@ def response_partials(
         )
     dtype = compute_dtype(hidden)
     b_idx, t_idx, rows = _response_rows(positions, valid, row_lookup)
-    states = hidden[rows, b_idx].to(dtype)  # [N, h]
+    proto = prototype.to(dtype)
     dot = torch.zeros(batch, slots, dtype=dtype, device=hidden.device)
     sq = torch.zeros_like(dot)
-    dot[b_idx, t_idx] = (states * prototype.to(dtype)[b_idx]).sum(-1)
-    sq[b_idx, t_idx] = states.square().sum(-1)
+    for lo in range(0, b_idx.numel(), _check_chunk(chunk_rows)):
+        bi, ti, ri = b_idx[lo:lo + chunk_rows], t_idx[lo:lo + chunk_rows], rows[lo:lo + chunk_rows]
+        states = hidden[ri, bi].to(dtype)  # [n_chunk, h]
+        dot[bi, ti] = (states * proto[bi]).sum(-1)
+        sq[bi, ti] = states.square().sum(-1)
     held = torch.zeros_like(valid)
     held[b_idx, t_idx] = True
     return ResponsePartials(dot=dot, sq_norm=sq, held=held)
