@@ -91,6 +91,9 @@ def test_squeeze_markup_whitespace() -> None:
         ("\\boxed{B}", "A", 0.0),
         ("\\boxed{}", "0", 0.0),
         ("<think> a < / think > \\boxed{1 / 2}", "0.5", 1.0),
+        ("\\boxed{3}", "\\boxed{3}", 1.0),
+        ("\\boxed{3}", "$\\frac{6}{2}$", 1.0),
+        ("\\boxed{4}", "\\boxed{3}", 0.0),
     ],
 )
 def test_score_strict(response: str, answer: str, expected: float) -> None:

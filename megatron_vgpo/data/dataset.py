@@ -34,6 +34,7 @@ from megatron_vgpo.data.prompts import (
 logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["skip", "raise"]
+_PROGRESS_EVERY = 10_000  # rows between progress messages while checking a file
 BAD_ROW_REASONS: tuple[str, ...] = (
     "empty_problem",
     "empty_answer",
@@ -160,6 +161,7 @@ class PromptDataset:
         self.max_pixels = max_pixels
         self.on_bad_row = on_bad_row
         self.instruction = instruction
+        self._warn_if_bounds_exceed_processor()
         self._tables = [self._read_table(path) for path in self.paths]
         self.num_rows_read = sum(table.num_rows for table in self._tables)
         self.skipped: collections.Counter[str] = collections.Counter()
@@ -167,6 +169,10 @@ class PromptDataset:
         self._rows: list[_RowRef] = []
         for file_index, table in enumerate(self._tables):
             for row in range(table.num_rows):
+                if row and row % _PROGRESS_EVERY == 0:
+                    logger.info(
+                        "PromptDataset: checked %d of %d rows of %s", row, table.num_rows, paths[file_index]
+                    )
                 bad_row = self._check_row(file_index, row)
                 if bad_row is None:
                     self._rows.append(_RowRef(file_index, row))
@@ -176,6 +182,31 @@ class PromptDataset:
                     self.skipped[bad_row.reason] += 1
                     self.bad_rows.append(bad_row)
         self._log_summary()
+
+    def _warn_if_bounds_exceed_processor(self) -> None:
+        """The processor clamps images into its own pixel range; say so when ours is wider (still consistent
+        with the rollout engine, which uses the same processor config, but our bound has no effect)."""
+        size = getattr(self.processor.image_processor, "size", None)
+
+        def bound(name: str) -> int | None:
+            value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+            return int(value) if value is not None else None
+
+        lowest, highest = bound("shortest_edge"), bound("longest_edge")
+        if self.max_pixels is not None and highest is not None and self.max_pixels > highest:
+            logger.warning(
+                "PromptDataset: max_pixels=%d exceeds the processor's own limit %d; the processor "
+                "shrinks larger images further",
+                self.max_pixels,
+                highest,
+            )
+        if self.min_pixels is not None and lowest is not None and self.min_pixels < lowest:
+            logger.warning(
+                "PromptDataset: min_pixels=%d is below the processor's own minimum %d; the processor "
+                "enlarges smaller images further",
+                self.min_pixels,
+                lowest,
+            )
 
     # -- reading ---------------------------------------------------------------------------------------
 

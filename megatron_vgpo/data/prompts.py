@@ -12,10 +12,8 @@ from typing import Any
 IMAGE_PLACEHOLDER = "<image>"
 
 # Appended to every problem after a blank line (VGPO_SPEC.md section 5.1).
-REASONING_INSTRUCTION = (
-    "Work through the problem step by step inside <think> </think> tags, "
-    "then state the final answer inside \\boxed{}."
-)
+# Kept short: with the tiny job's small BPE vocabulary every word costs tokens on each rollout.
+REASONING_INSTRUCTION = "Reason step by step in <think> </think> and then put the final answer in \\boxed{}."
 PROMPT_TEMPLATE = "{problem}\n\n{instruction}"
 
 

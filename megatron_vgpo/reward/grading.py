@@ -103,9 +103,14 @@ def is_equivalent(prediction: str, gold: str, lenient: bool = False) -> bool:
 def score(response: str, answer: str, lenient: bool = False) -> float:
     """Accuracy reward of one response: 1.0 if its last ``\\boxed{}`` holds the gold ``answer``, else 0.0.
 
-    ``lenient`` enables the evaluation-only multiple-choice rule (never use it for training rewards).
+    ``lenient`` enables the evaluation-only multiple-choice rule (never use it for training rewards). A gold
+    answer written as ``\\boxed{...}`` is compared by its content.
     """
     prediction = extract_boxed(squeeze_markup_whitespace(response))
     if prediction is None:
         return 0.0
-    return 1.0 if is_equivalent(prediction, str(answer), lenient=lenient) else 0.0
+    gold = str(answer)
+    boxed_gold = extract_boxed(gold)  # some datasets store the gold answer as "\boxed{...}"
+    if boxed_gold:
+        gold = boxed_gold
+    return 1.0 if is_equivalent(prediction, gold, lenient=lenient) else 0.0
