@@ -197,6 +197,14 @@ def test_pool_timeout_and_crash_score_zero_and_are_counted(caplog: pytest.LogCap
     assert "timed out" in caplog.text and "worker process died" in caplog.text
 
 
+def test_pool_times_out_a_real_pathological_answer() -> None:
+    """A power tower sends sympy into a huge computation; the real grader must give up on it alone."""
+    responses = ["\\boxed{10^{10^{10}}}", "\\boxed{\\dfrac{1}{4}}", "\\boxed{3}"]
+    with RewardGrader(num_workers=2, timeout_s=1.0) as grader:
+        assert grader.score_batch(responses, ["2", "0.25", "3"]) == [0.0, 1.0, 1.0]
+        assert grader.last_batch_stats.timeouts == 1
+
+
 def test_pool_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         RewardGrader(num_workers=1, timeout_s=0)

@@ -53,7 +53,8 @@ def _worker_loop(connection: Connection, score_fn: ScoreFn) -> None:
     ``(index, score, error_or_None)``. A ``None`` message or a closed pipe ends the loop.
     """
     with contextlib.suppress(Exception):
-        score_fn("\\boxed{1}", "1")  # import and initialise sympy / math-verify before the first timed item
+        # Needs both graders (mathruler says no, math-verify yes): imports and initialises them untimed.
+        score_fn("\\boxed{\\sqrt{2}}", "1.41421356")
     try:
         connection.send(_READY)
     except (BrokenPipeError, OSError):
