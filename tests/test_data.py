@@ -30,6 +30,7 @@ from megatron_vgpo.data import (
     build_messages,
     collate_prompts,
     format_problem,
+    iterate_once,
     resize_to_pixel_bounds,
 )
 from megatron_vgpo.data.synthetic import make_synthetic_splits
@@ -265,6 +266,10 @@ def test_loader_resume_and_collate_on_synthetic_data(tmp_path: Path, processor: 
     resumed = PromptLoader(dataset, batch_size=4, seed=3)
     resumed.load_state_dict(first.state_dict())
     assert [[s.source for s in resumed.next_batch()] for _ in range(2)] == expected[1:]
+
+    validation = PromptDataset([paths["test"]], processor, max_prompt_length=512)
+    passes = [[sample.source for sample in batch] for batch in iterate_once(validation, batch_size=2)]
+    assert passes == [[f"{paths['test']}:0", f"{paths['test']}:1"], [f"{paths['test']}:2"]]
 
     samples = [dataset[i] for i in range(3)]
     pad_id = processor.tokenizer.pad_token_id

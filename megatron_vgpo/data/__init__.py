@@ -17,7 +17,7 @@ from megatron_vgpo.data.prompts import (
     build_messages,
     format_problem,
 )
-from megatron_vgpo.data.sampler import PromptBatch, PromptLoader, PromptSampler, collate_prompts
+from megatron_vgpo.data.sampler import PromptBatch, PromptLoader, PromptSampler, collate_prompts, iterate_once
 
 __all__ = [
     "BAD_ROW_REASONS",
@@ -36,6 +36,7 @@ __all__ = [
     "build_messages",
     "collate_prompts",
     "format_problem",
+    "iterate_once",
     "load_image",
     "resize_to_pixel_bounds",
 ]

@@ -5,7 +5,8 @@ epoch, the same one for the same ``(seed, epoch)``) and rolls into the next epoc
 that draws extra batches (DAPO dynamic sampling) simply keeps calling ``next_batch()``. Its state (epoch and
 position in the epoch) is a small dict: a run restored from it continues with exactly the batches the
 uninterrupted run would have drawn. ``PromptLoader`` pairs a sampler with a ``PromptDataset``;
-``collate_prompts`` left-pads a list of samples into one batch of tensors.
+``iterate_once`` is the ordered single pass for validation; ``collate_prompts`` left-pads a list of samples
+into one batch of tensors.
 """
 
 from __future__ import annotations
@@ -149,6 +150,15 @@ class PromptLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+
+def iterate_once(dataset: PromptDataset, batch_size: int) -> Iterator[list[PromptSample]]:
+    """Every sample of ``dataset`` exactly once, in order, in batches of ``batch_size`` (the last may be
+    shorter): the pass used for validation and evaluation."""
+    if batch_size <= 0:
+        raise ValueError(f"iterate_once: batch_size must be > 0, got {batch_size}")
+    for start in range(0, len(dataset), batch_size):
+        yield [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
 
 
 @dataclass
