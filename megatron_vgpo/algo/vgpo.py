@@ -296,23 +296,22 @@ def compute_token_weights(
     rows = batch
     if rho.device.type == "cpu" and batch * width > CPU_BLOCK_ELEMENTS:
         rows = max(1, CPU_BLOCK_ELEMENTS // max(width, 1))
-    # A loop over row BLOCKS (not sequences): each block is fully vectorized; see CPU_BLOCK_ELEMENTS.
-    blocks = [
-        _token_weights_block(
-            rho[start : start + rows].to(dtype),
-            mask[start : start + rows],
-            None if image is None else image[start : start + rows],
-            cfg,
-        )
-        for start in range(0, max(batch, 1), max(rows, 1))
-    ]
-    if len(blocks) == 1:
-        w_hat, token_factor, score, _ = blocks[0]
-    else:
-        w_hat = torch.cat([b[0] for b in blocks])
-        token_factor = torch.cat([b[1] for b in blocks])
-        score = torch.cat([b[2] for b in blocks])
-    diagnostics = finish_token_metrics(merge_moments([b[3] for b in blocks])) if cfg.diagnostics else {}
+    if rows >= batch:
+        w_hat, token_factor, score, moments = _token_weights_block(rho.to(dtype), mask, image, cfg)
+        diagnostics = finish_token_metrics(merge_moments([moments])) if moments is not None else {}
+        return TokenWeights(w_hat, token_factor, score, diagnostics)
+    # A loop over row BLOCKS (not over sequences): each block is fully vectorized; see CPU_BLOCK_ELEMENTS.
+    w_hat = torch.empty(batch, width, dtype=dtype)
+    token_factor = torch.empty(batch, width, dtype=dtype)
+    score = torch.empty(batch, dtype=dtype)
+    parts = []
+    for start in range(0, batch, rows):
+        stop = min(start + rows, batch)
+        block_image = None if image is None else image[start:stop]
+        block = _token_weights_block(rho[start:stop].to(dtype), mask[start:stop], block_image, cfg)
+        w_hat[start:stop], token_factor[start:stop], score[start:stop] = block[:3]
+        parts.append(block[3])
+    diagnostics = finish_token_metrics(merge_moments(parts)) if cfg.diagnostics else {}
     return TokenWeights(w_hat, token_factor, score, diagnostics)
 
 
