@@ -161,6 +161,20 @@ def sleepy_or_crashing_score(response: str, answer: str) -> float:
     return score(response, answer)
 
 
+def raising_score(response: str, answer: str) -> float:
+    """Grades like `score`, but raises on answer "__raise__"."""
+    if answer == "__raise__":
+        raise ArithmeticError("grader blew up")
+    return score(response, answer)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_grader_errors_score_zero_and_are_counted(num_workers: int) -> None:
+    with RewardGrader(num_workers=num_workers, timeout_s=20.0, score_fn=raising_score) as grader:
+        assert grader.score_batch(["\\boxed{1}", "\\boxed{2}"], ["__raise__", "2"]) == [0.0, 1.0]
+        assert (grader.last_batch_stats.errors, grader.last_batch_stats.timeouts) == (1, 0)
+
+
 def test_pool_matches_in_process_scores_and_reuses_workers() -> None:
     responses = ["\\boxed{0.5}", "\\boxed{ABCD}", "no box", "\\boxed{7}", "\\boxed{\\dfrac{3}{4}}"] * 3
     answers = ["\\frac{1}{2}", "A", "1", "7", "0.75"] * 3

@@ -187,7 +187,10 @@ class RewardGrader:
             )
         batch_stats = GradingStats(items=len(responses))
         if self.num_workers == 0:
-            scores = [float(self.score_fn(text, str(answer))) for text, answer in zip(responses, answers)]
+            scores = [
+                self._score_here(index, text, str(answer), batch_stats)
+                for index, (text, answer) in enumerate(zip(responses, answers))
+            ]
         else:
             scores = self._score_in_workers(responses, answers, batch_stats)
         self.last_batch_stats = batch_stats
@@ -203,6 +206,15 @@ class RewardGrader:
                 batch_stats.errors,
             )
         return scores
+
+    def _score_here(self, index: int, response: str, answer: str, batch_stats: GradingStats) -> float:
+        """Grade one item in this process (``num_workers=0``): no time limit, errors score 0.0."""
+        try:
+            return float(self.score_fn(response, answer))
+        except Exception as error:
+            batch_stats.errors += 1
+            logger.warning("RewardGrader: item %d scored 0.0 after an error: %r", index, error)
+            return 0.0
 
     def _score_in_workers(
         self, responses: Sequence[str], answers: Sequence[str], batch_stats: GradingStats
@@ -261,6 +273,7 @@ class RewardGrader:
                 try:
                     index, item_score, error = connection.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
+                    worker.process.join(timeout=1.0)  # reap it, so the exit code is known
                     record_failure(
                         worker, f"worker process died (exit code {worker.process.exitcode})", False
                     )
