@@ -161,12 +161,17 @@ def parity_rank_body(
     from megatron_vgpo.checkpoint.hf_mapping import load_hf_weights, read_hf_state_dict
     from megatron_vgpo.distributed.process_groups import init_model_parallel
     from megatron_vgpo.models.qwen2_5_vl.model import build_model
+    from megatron_vgpo.platform import compute_device
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = compute_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     torch.manual_seed(seed)
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_state = read_hf_state_dict(hf_dir)
     batch = make_parity_batch(hf_dir, seed=seed, pad_to_multiple=4)
     ref = hf_reference(hf_dir, batch)
+    dev_batch = {k: v.to(device) for k, v in batch.items()}
     valid = batch["attention_mask"].bool()  # [b, s]
     result: dict[str, Any] = {
         "layouts": {},
@@ -182,12 +187,12 @@ def parity_rank_body(
         model.language_model.register_forward_pre_hook(
             lambda _m, args, seen=seen: seen.__setitem__("position_ids", args[1].detach().clone())
         )
-        logits, hidden = megatron_forward(model, batch)
+        logits, hidden = megatron_forward(model, dev_batch)
         entry: dict[str, Any] = {
             "stage": layout.pp_rank,
             "tp_rank": layout.tp_rank,
             "rope_ids_equal": bool(
-                torch.equal(seen["position_ids"][:, valid], ref["position_ids"][:, valid])
+                torch.equal(seen["position_ids"].cpu()[:, valid], ref["position_ids"][:, valid])
             ),
         }
         if logits is not None:
@@ -195,12 +200,13 @@ def parity_rank_body(
             full_hidden = gather_tp(hidden, dim=0) if sp and tp > 1 else hidden  # [s, b, h]
             entry["captured_hidden_shape"] = list(hidden.shape)
             if layout.tp_rank == 0:
+                full_logits, full_hidden = full_logits.cpu(), full_hidden.cpu()
                 entry["logits_max_abs_diff"] = _max_diff(full_logits, ref["logits"], valid)
                 entry["final_hidden_max_abs_diff"] = _max_diff(
                     full_hidden.transpose(0, 1), ref["final_hidden"], valid
                 )
         if check_errors and layout.pp_rank == 0 and not result.get("mismatch_error"):
-            result["mismatch_error"] = _image_mismatch_message(model, batch)
+            result["mismatch_error"] = _image_mismatch_message(model, dev_batch)
         result["layouts"][name] = entry
     return result
 
