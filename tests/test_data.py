@@ -194,6 +194,9 @@ def test_bad_rows_are_skipped_and_named(
     summary = [record for record in caplog.records if "skipped 7 bad rows" in record.getMessage()]
     assert len(summary) == 1 and str(path) in summary[0].getMessage()
 
+    only_bad = write_parquet(tmp_path / "only_bad.parquet", rows[1:3], pa.list_(IMAGE_STRUCT))
+    with pytest.raises(ValueError, match=r"no usable rows .*only_bad\.parquet row 0, field 'images\[0\]'"):
+        PromptDataset([only_bad], processor)
     with pytest.raises(BadRowError, match=r"bad\.parquet row 1, field 'images\[0\]': missing_image") as info:
         PromptDataset([path], processor, max_prompt_length=300, on_bad_row="raise")
     assert info.value.bad_row.row == 1

@@ -182,6 +182,12 @@ class PromptDataset:
                     self.skipped[bad_row.reason] += 1
                     self.bad_rows.append(bad_row)
         self._log_summary()
+        if not self._rows:
+            raise ValueError(
+                f"PromptDataset: no usable rows in {[str(path) for path in self.paths]}; "
+                f"skipped {dict(self.skipped)}; first problem: "
+                f"{self.bad_rows[0].message() if self.bad_rows else 'the files are empty'}"
+            )
 
     def _warn_if_bounds_exceed_processor(self) -> None:
         """The processor clamps images into its own pixel range; say so when ours is wider (still consistent
