@@ -287,3 +287,7 @@ def test_loader_resume_and_collate_on_synthetic_data(tmp_path: Path, processor: 
         assert torch.equal(batch.mm_token_type_ids[row, length - size :], sample.mm_token_type_ids)
     assert torch.equal(batch.pixel_values, torch.cat([s.pixel_values for s in samples]))
     assert batch.image_grid_thw.shape == (3, 3) and batch.answers == [s.answer for s in samples]
+    fixed = collate_prompts(samples, pad_token_id=pad_id, pad_to=length + 5)
+    assert fixed.input_ids.shape == (3, length + 5) and torch.equal(fixed.input_ids[:, 5:], batch.input_ids)
+    with pytest.raises(ValueError, match=f"has {length} tokens > pad_to={length - 1}"):
+        collate_prompts(samples, pad_token_id=pad_id, pad_to=length - 1)

@@ -186,11 +186,18 @@ class PromptBatch:
     sources: list[str]
 
 
-def collate_prompts(samples: Sequence[PromptSample], pad_token_id: int) -> PromptBatch:
-    """Left-pad ``samples`` to the longest prompt and concatenate their image tensors."""
+def collate_prompts(
+    samples: Sequence[PromptSample], pad_token_id: int, pad_to: int | None = None
+) -> PromptBatch:
+    """Left-pad ``samples`` to the longest prompt (or to ``pad_to`` tokens) and concatenate their image
+    tensors. Raises ValueError when a prompt is longer than ``pad_to``."""
     if not samples:
         raise ValueError("collate_prompts needs at least one sample")
-    length = max(int(sample.input_ids.shape[0]) for sample in samples)
+    longest = max(int(sample.input_ids.shape[0]) for sample in samples)
+    if pad_to is not None and longest > pad_to:
+        too_long = next(s for s in samples if int(s.input_ids.shape[0]) == longest)
+        raise ValueError(f"collate_prompts: prompt {too_long.source} has {longest} tokens > pad_to={pad_to}")
+    length = longest if pad_to is None else pad_to
     batch_size = len(samples)
     input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
