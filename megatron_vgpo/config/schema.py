@@ -30,14 +30,16 @@ class ModelConfig:
 class SyntheticDataConfig:
     """Generated visual-reasoning problems (``tools/make_synthetic_data.py``) written to ``RUN_DIR/data``."""
 
-    task: str = "count_shapes"
+    tasks: list[str] = field(default_factory=lambda: ["count_red"])
     num: int = 2000
     test_fraction: float = 0.1
     seed: int = 0
-    difficulty: int = 1
+    difficulty: Literal["easy", "medium", "hard"] = "medium"
     image_size: int = 84
 
     def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("synthetic.tasks must name at least one task")
         if self.num < 2:
             raise ValueError(f"synthetic.num must be >= 2, got {self.num}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -50,6 +52,9 @@ class DataConfig:
 
     ``train_files``/``val_files`` are parquet paths; when both are empty, ``synthetic`` data is generated.
     Column names are configurable; bad rows are skipped (and counted) or raise, per ``on_bad_row``.
+    ``min_pixels``/``max_pixels`` bound each image's pixel count before the processor sees it (``null``: the
+    processor's own bounds, from the model folder). ``max_prompt_length`` counts tokens after image
+    expansion.
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -59,14 +64,14 @@ class DataConfig:
     answer_key: str = "answer"
     image_key: str = "images"
     max_prompt_length: int = 512
-    min_pixels: int = 28 * 28
-    max_pixels: int = 1024 * 28 * 28
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     on_bad_row: Literal["skip", "raise"] = "skip"
 
     def __post_init__(self) -> None:
         if bool(self.train_files) != bool(self.val_files):
             raise ValueError("give both train_files and val_files, or neither (then synthetic data is used)")
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
 
 
