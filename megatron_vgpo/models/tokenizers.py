@@ -167,8 +167,9 @@ def synthetic_corpus(num_lines: int = 3000, seed: int = _CORPUS_SEED) -> list[st
     """Generate, deterministically, text like the synthetic visual tasks' prompts and answers.
 
     Covers counting coloured shapes, bar charts, angles, lengths, digits, fractions and LaTeX answers
-    (``\\boxed{}``, ``\\frac``, ``^\\circ``), ``<think>`` reasoning, and the chat roles. Returns ``num_lines``
-    strings (the same for the same arguments).
+    (``\\boxed{}``, ``\\frac``, ``^\\circ``), ``<think>`` reasoning, and the chat roles, followed by the real
+    prompts of every synthetic task (:mod:`megatron_vgpo.data.synthetic`). Returns ``num_lines`` generated
+    strings plus those prompts (the same for the same arguments).
     """
     rng = random.Random(seed)
     colours = [
@@ -242,7 +243,23 @@ def synthetic_corpus(num_lines: int = 3000, seed: int = _CORPUS_SEED) -> list[st
             lines.append(" ".join(str(rng.randint(0, 9)) for _ in range(12)) + f" {fraction()} = {number()}")
         else:
             lines.append(f"{question()}\n{answer()}")
+    lines.extend(_task_prompts())
     return lines
+
+
+def _task_prompts(per_task: int = 60) -> list[str]:
+    """The real prompts of every synthetic task (problem + the VGPO reasoning instruction), so the small
+    BPE learns whole words for exactly what the default job sends on every rollout."""
+    from megatron_vgpo.data.prompts import format_problem
+    from megatron_vgpo.data.synthetic import DIFFICULTIES, SYNTHETIC_TASKS, generate_examples
+
+    prompts: list[str] = []
+    for task in sorted(SYNTHETIC_TASKS):
+        for difficulty in DIFFICULTIES:
+            for example in generate_examples(per_task // len(DIFFICULTIES), _CORPUS_SEED, (task,), difficulty):
+                prompts.append(format_problem(example.problem.replace("<image>", "").strip()))
+                prompts.append(f"<think>\nI count the shapes in the image.\n</think>\n\\boxed{{{example.answer}}}")
+    return prompts
 
 
 def _qwen_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
