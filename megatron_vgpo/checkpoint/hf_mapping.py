@@ -31,6 +31,8 @@ shards), :func:`iter_hf_weights` (collective, streaming export from a live model
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -216,9 +218,7 @@ def _stage_rules(sizes: Sizes, pp_rank: int, pp: int, te: bool) -> list[Rule]:
     first, last = pp_rank == 0, pp_rank == pp - 1
     rules: list[Rule] = []
     if first:
-        rules.append(
-            Rule(LM_PREFIX + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB)
-        )
+        rules.append(Rule(LM_PREFIX + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB))
     per_stage = sizes.layers // pp
     for local in range(per_stage):
         global_index = pp_rank * per_stage + local
@@ -241,11 +241,18 @@ def _stage_rules(sizes: Sizes, pp_rank: int, pp: int, te: bool) -> list[Rule]:
 
 def vision_shapes(hf_config: Any) -> dict[str, torch.Size]:
     """HF names (``visual.*``) and shapes of the vision tower's state dict (built on the meta device)."""
+    return dict(_vision_shapes_cached(hf_config.vision_config.to_json_string(use_diff=False)))
+
+
+@functools.lru_cache(maxsize=8)
+def _vision_shapes_cached(vision_config_json: str) -> tuple[tuple[str, torch.Size], ...]:
+    from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
+    vision_config = Qwen2_5_VLConfig(vision_config=json.loads(vision_config_json)).vision_config
     with torch.device("meta"):
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_config.vision_config)
-    return {VISION_HF_PREFIX + k: v.shape for k, v in tower.state_dict().items()}
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
+    return tuple((VISION_HF_PREFIX + k, v.shape) for k, v in tower.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,9 +353,7 @@ def _check_hf_state(hf: Mapping[str, Tensor], hf_config: Any) -> None:
         for n, shape in expected.items()
         if n in hf and hf[n].shape != shape
     ]
-    problems = (
-        _problems("missing", missing) + _problems("unexpected", unexpected) + _problems("mis-shaped", bad)
-    )
+    problems = _problems("missing", missing) + _problems("unexpected", unexpected) + _problems("mis-shaped", bad)
     if problems:
         raise WeightMappingError("HF state dict does not match the HF config: " + "; ".join(problems))
 
@@ -425,9 +430,7 @@ def load_hf_weights(model: torch.nn.Module, hf_state_dict: Mapping[str, Tensor],
         for k in own
         if k in shard and own[k].shape != shard[k].shape
     ]
-    problems = (
-        _problems("missing", missing) + _problems("unexpected", unexpected) + _problems("mis-shaped", bad)
-    )
+    problems = _problems("missing", missing) + _problems("unexpected", unexpected) + _problems("mis-shaped", bad)
     if problems:
         raise WeightMappingError("mapped shard does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
@@ -453,9 +456,7 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def megatron_shards_to_hf(
-    shards: Mapping[tuple[int, int], Mapping[str, Tensor]], hf_config: Any
-) -> dict[str, Tensor]:
+def megatron_shards_to_hf(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], hf_config: Any) -> dict[str, Tensor]:
     """Merge every rank's weights (``shards[(tp_rank, pp_rank)]``, full TP x PP grid) into HF tensors.
 
     Each shard must hold exactly its rank's tensors (``_extra_state`` entries are ignored); raises
@@ -469,23 +470,17 @@ def megatron_shards_to_hf(
         raise WeightMappingError(f"missing shards for (tp_rank, pp_rank) {missing_ranks}")
     check_supported(hf_config, tp=tp, pp=pp)
     sizes = Sizes.from_hf(hf_config)
-    clean = {
-        key: {k: v for k, v in sd.items() if not k.endswith(EXTRA_STATE_SUFFIX)} for key, sd in shards.items()
-    }
+    clean = {key: {k: v for k, v in sd.items() if not k.endswith(EXTRA_STATE_SUFFIX)} for key, sd in shards.items()}
     te = any(k.endswith("layer_norm_weight") for k in clean[(0, 0)])
     problems: list[str] = []
     for (t, p), sd in clean.items():
         want = expected_shard_shapes(hf_config, tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, te=te)
         miss = [n for n in want if n not in sd]
         extra = [n for n in sd if n not in want]
-        bad = [
-            f"{n} {tuple(sd[n].shape)} != {tuple(s)}" for n, s in want.items() if n in sd and sd[n].shape != s
-        ]
+        bad = [f"{n} {tuple(sd[n].shape)} != {tuple(s)}" for n, s in want.items() if n in sd and sd[n].shape != s]
         problems += [
             f"shard (tp {t}, pp {p}) {x}"
-            for x in _problems("missing", miss)
-            + _problems("unexpected", extra)
-            + _problems("mis-shaped", bad)
+            for x in _problems("missing", miss) + _problems("unexpected", extra) + _problems("mis-shaped", bad)
         ]
     if problems:
         raise WeightMappingError("Megatron shards do not match the HF config: " + "; ".join(problems))
