@@ -188,3 +188,16 @@ def test_expected_hf_shapes_cover_the_checkpoint(small_hf_dir: Path):
     hf_config, hf_state = _load(small_hf_dir)
     shapes = expected_hf_shapes(hf_config)
     assert {k: tuple(v) for k, v in shapes.items()} == {k: tuple(v.shape) for k, v in hf_state.items()}
+
+
+def test_unrepresentable_configs_are_refused_naming_the_field(tiny_hf_dir: Path):
+    from megatron_vgpo.models.qwen2_5_vl.config import check_supported
+
+    hf_config, _ = _load(tiny_hf_dir)
+    check_supported(hf_config, tp=2, pp=2)
+    hf_config.text_config.use_sliding_window = True
+    hf_config.text_config.hidden_act = "gelu"
+    with pytest.raises(UnsupportedConfigError) as info:
+        check_supported(hf_config)
+    assert "text_config.use_sliding_window=True" in str(info.value)
+    assert "text_config.hidden_act='gelu'" in str(info.value)

@@ -143,3 +143,37 @@ def test_parity_with_transformers_at_every_layout(tiny_hf_dir: Path, small_hf_di
         assert grads["max_abs_hf_grad"] > 1e-3
         assert grads["max_abs_diff_vs_hf"] < 1e-4 * max(1.0, grads["max_abs_hf_grad"]), grads
         assert grads["allreduce_changed"] < 1e-6, grads
+
+
+def test_input_checks_and_text_only_positions(tiny_hf_dir: Path):
+    """Pure functions (no Megatron ranks): padding side, image bookkeeping, text-only M-RoPE ids."""
+    from transformers import AutoConfig
+
+    from megatron_vgpo.models.qwen2_5_vl.model import (
+        ImageTokenMismatchError,
+        check_right_padded,
+        image_features_per_sample,
+    )
+    from megatron_vgpo.models.qwen2_5_vl.rope_index import mrope_position_ids
+
+    hf_config = AutoConfig.from_pretrained(tiny_hf_dir)
+    check_right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"rows \[1\] are not right-padded"):
+        check_right_padded(torch.tensor([[1, 1, 0], [0, 1, 1]]))
+
+    img = hf_config.image_token_id
+    ids = torch.tensor([[5, img, img, img, img, 6, 0], [5, img, img, img, img, img, img]])
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 2, 8]])  # 4, 2 and 4 merged tokens
+    assert image_features_per_sample(ids, img, grid, 2) == [1, 2]
+    with pytest.raises(ImageTokenMismatchError, match=r"sample 1: 6 <\|image_pad\|> tokens .* give 8 features"):
+        image_features_per_sample(ids, img, torch.tensor([[1, 4, 4]] * 3), 2)
+    with pytest.raises(ImageTokenMismatchError, match="1 image\\(s\\) left over"):
+        image_features_per_sample(ids[:1], img, grid[:2], 2)
+
+    text = torch.tensor([[3, 4, 5, 6, 0, 0], [3, 4, 5, 6, 7, 8]])
+    mask = (torch.arange(6) < torch.tensor([[4], [6]])).long()
+    positions = mrope_position_ids(text, hf_config, attention_mask=mask)
+    assert positions.shape == (3, 2, 6)
+    assert torch.equal(positions[:, mask.bool()], torch.cat([torch.arange(4), torch.arange(6)]).expand(3, -1))
+    with pytest.raises(ValueError, match="1 image-token run"):
+        mrope_position_ids(ids[:1], hf_config)

@@ -55,9 +55,7 @@ def check_right_padded(attention_mask: Tensor) -> None:
     mask = attention_mask.to(torch.int64)
     bad = (mask[:, 1:] > mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(
-            f"attention_mask rows {bad} are not right-padded (a 1 follows a 0); pad on the right"
-        )
+        raise ValueError(f"attention_mask rows {bad} are not right-padded (a 1 follows a 0); pad on the right")
 
 
 def image_features_per_sample(
@@ -101,6 +99,8 @@ class Qwen2_5_VLModel(MegatronModule):  # noqa: N801 (the model's name, as in tr
             ``language_model.decoder.final_layernorm`` (= input of the output layer), detached, sequence-major
             [s, b, h] (with sequence parallel: this TP rank's shard [s/tp, b, h], rank r holding positions
             ``r*s/tp .. (r+1)*s/tp - 1``); ``None`` elsewhere or when ``capture_final_hidden`` is False.
+            Each forward (each micro-batch of a pipeline schedule) overwrites it: read it in the schedule's
+            loss function of that micro-batch. It costs no extra compute (a forward hook keeps a reference).
     """
 
     def __init__(
@@ -167,9 +167,7 @@ class Qwen2_5_VLModel(MegatronModule):  # noqa: N801 (the model's name, as in tr
     # Forward
     # ----------------------------------------------------------------------------------------------------
 
-    def embed_inputs(
-        self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None
-    ) -> Tensor:
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
         """First stage: token embeddings with image features at ``<|image_pad|>`` positions.
 
         ``input_ids`` [b, s]; ``pixel_values`` [num_patches, C*T*P*P] and ``image_grid_thw`` [num_images, 3]
@@ -197,9 +195,7 @@ class Qwen2_5_VLModel(MegatronModule):  # noqa: N801 (the model's name, as in tr
             seq = embeddings.shape[0]
             tp = self.config.tensor_model_parallel_size
             if seq % tp:
-                raise ValueError(
-                    f"sequence parallel needs the sequence length ({seq}) divisible by TP ({tp})"
-                )
+                raise ValueError(f"sequence parallel needs the sequence length ({seq}) divisible by TP ({tp})")
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
@@ -253,9 +249,7 @@ def _build_vision_tower(hf_config: Any, dtype: torch.dtype) -> torch.nn.Module:
 
     vision_cfg = hf_config.vision_config
     attn = getattr(hf_config, "_attn_implementation", None) or "sdpa"
-    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(
-        vision_cfg, attn_implementation=attn, dtype=dtype
-    )
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_cfg, attn_implementation=attn, dtype=dtype)
     device = compute_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return tower.to(device=device, dtype=dtype)
 
@@ -277,9 +271,7 @@ def build_model(
     """
     from megatron.core import parallel_state as ps
 
-    config = transformer_config_from_hf(
-        hf_config, sequence_parallel=sequence_parallel, params_dtype=params_dtype
-    )
+    config = transformer_config_from_hf(hf_config, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
