@@ -93,9 +93,7 @@ def make_batch(B: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
     log_probs = -torch.rand(B, T, generator=gen) * 2
     old_log_probs = log_probs + 0.1 * torch.randn(B, T, generator=gen)
     advantages = torch.randn(B, generator=gen)
-    return dict(
-        cos=cos, mask=mask, group_ids=group_ids, log_probs=log_probs, old=old_log_probs, adv=advantages
-    )
+    return dict(cos=cos, mask=mask, group_ids=group_ids, log_probs=log_probs, old=old_log_probs, adv=advantages)
 
 
 def loop_vgpo(rho: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, cfg: VGPOConfig):
@@ -146,18 +144,17 @@ def run(B: int, T: int, repeats: int, loop_rows: int) -> list[tuple[str, float, 
     for label, config in (("no diagnostics", cfg_nodiag), ("+ diagnostics", cfg)):
         factors_time = measure(lambda config=config: compute_vgpo_factors(rho, mask, ids, config), repeats)
         rows.append((f"compute_vgpo_factors ({label})", *factors_time))
-    rows.append(("VGPO end to end (focus+factors+apply)", *measure(vgpo_full, repeats)))
+    factors = compute_vgpo_factors(rho, mask, ids, cfg_nodiag)
+    rows.append(("apply_vgpo", *measure(lambda: apply_vgpo(batch["adv"], factors, mask), repeats)))
+    rows.append(("VGPO end to end (focus+factors+diagnostics+apply)", *measure(vgpo_full, repeats)))
 
     n = min(loop_rows, B)
     sub_ids = ids[:n]
-    loop_min, loop_median, loop_mem = measure(
-        lambda: loop_vgpo(rho[:n], mask[:n], sub_ids, cfg), max(1, repeats // 2)
-    )
+    loop_min, loop_median, loop_mem = measure(lambda: loop_vgpo(rho[:n], mask[:n], sub_ids, cfg), max(1, repeats // 2))
     ref_tok, ref_traj = loop_vgpo(rho[:n], mask[:n], sub_ids, cfg)
     vec = compute_vgpo_factors(rho[:n], mask[:n], sub_ids, cfg_nodiag)
     if not (
-        torch.allclose(vec.token_factor, ref_tok, atol=1e-5)
-        and torch.allclose(vec.traj_factor, ref_traj, atol=1e-5)
+        torch.allclose(vec.token_factor, ref_tok, atol=1e-5) and torch.allclose(vec.traj_factor, ref_traj, atol=1e-5)
     ):
         raise AssertionError("per-sequence loop and vectorized factors disagree")
     scale = B / n
@@ -173,9 +170,7 @@ def run(B: int, T: int, repeats: int, loop_rows: int) -> list[tuple[str, float, 
     token_adv = apply_vgpo(batch["adv"], compute_vgpo_factors(rho, mask, ids, cfg_nodiag), mask)
 
     def loss_forward() -> torch.Tensor:
-        return policy_loss(batch["log_probs"], batch["old"], token_adv, mask, global_tokens=int(mask.sum()))[
-            0
-        ]
+        return policy_loss(batch["log_probs"], batch["old"], token_adv, mask, global_tokens=int(mask.sum()))[0]
 
     def loss_forward_backward() -> torch.Tensor:
         lp = batch["log_probs"].clone().requires_grad_(True)
@@ -189,9 +184,7 @@ def run(B: int, T: int, repeats: int, loop_rows: int) -> list[tuple[str, float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small size (B=256, T=512)")
     parser.add_argument("--batch", type=int, default=None, help="trajectories B (default 4096, quick 256)")
     parser.add_argument("--tokens", type=int, default=None, help="response slots T (default 2048, quick 512)")
@@ -214,9 +207,7 @@ def main() -> None:
         "B=%d T=%d, torch %s, %d threads, %d repeats, %d CPUs, 1-min load average %.1f -> %.1f",
         B, T, torch.__version__, threads, args.repeats, os.cpu_count() or 0, load_before, load_after,
     )  # fmt: skip
-    logger.info(
-        "| step | min time (s) | median time (s) | peak extra RSS (MiB) | min time / policy_loss fwd+bwd |"
-    )
+    logger.info("| step | min time (s) | median time (s) | peak extra RSS (MiB) | min time / policy_loss fwd+bwd |")
     logger.info("|---|---:|---:|---:|---:|")
     for name, best, median, mib in rows:
         logger.info("| %s | %.3f | %.3f | %.0f | %.2f |", name, best, median, mib, best / loss_fb)

@@ -18,6 +18,11 @@ constants in the loss) in ``promote_types(input dtype, float32)``.
 
 Positions: a token's position ``t`` is its 0-based rank among its row's valid slots, which equals the
 column index for the usual right-padded mask; ``L`` is the row's number of valid slots.
+
+Edge cases: ``L = 1`` gives C = 0, G = 1, w_hat = 0, f = 1, S = 0; an empty row gives f = 1, S = 0 (and it
+still takes part in its group's statistics, as in the reference code). Rows without image tokens
+(``has_image`` False) with ``imageless="neutral"`` get f = g = 1 and are left out of their group's
+min/max/mean; a distributed wrapper must therefore gather ``has_image`` along with ``trajectory_score``.
 """
 
 from __future__ import annotations
@@ -301,9 +306,9 @@ def compute_token_weights(
         diagnostics = finish_token_metrics(merge_moments([moments])) if moments is not None else {}
         return TokenWeights(w_hat, token_factor, score, diagnostics)
     # A loop over row BLOCKS (not over sequences): each block is fully vectorized; see CPU_BLOCK_ELEMENTS.
-    w_hat = torch.empty(batch, width, dtype=dtype)
-    token_factor = torch.empty(batch, width, dtype=dtype)
-    score = torch.empty(batch, dtype=dtype)
+    w_hat = torch.empty(batch, width, dtype=dtype, device=rho.device)
+    token_factor = torch.empty(batch, width, dtype=dtype, device=rho.device)
+    score = torch.empty(batch, dtype=dtype, device=rho.device)
     parts = []
     for start in range(0, batch, rows):
         stop = min(start + rows, batch)
@@ -340,11 +345,7 @@ def _token_weights_block(
         token_factor = torch.where(keep, factor, torch.ones_like(factor))
     else:
         token_factor = torch.ones_like(w_hat)
-    moments = (
-        block_moments(rho, w_hat, token_factor, comp, gate, position, length, mask)
-        if cfg.diagnostics
-        else None
-    )
+    moments = block_moments(rho, w_hat, token_factor, comp, gate, position, length, mask) if cfg.diagnostics else None
     return w_hat, token_factor, score, moments
 
 
@@ -449,9 +450,8 @@ def apply_vgpo(advantages: torch.Tensor, factors: VGPOFactors, response_mask: to
         )
     if factors.token_factor.shape != mask.shape:
         raise ValueError(
-            f"factors.token_factor has shape {tuple(factors.token_factor.shape)}, response_mask "
-            f"{tuple(mask.shape)}"
+            f"factors.token_factor has shape {tuple(factors.token_factor.shape)}, response_mask {tuple(mask.shape)}"
         )
     dtype = torch.promote_types(advantages.dtype, factors.token_factor.dtype)
-    traj = factors.traj_factor.to(dtype).unsqueeze(-1)
-    return advantages.to(dtype) * traj * factors.token_factor.to(dtype) * mask.to(dtype)
+    scale = advantages.to(dtype) * factors.traj_factor.to(dtype).unsqueeze(-1)  # [B, 1] or [B, T]
+    return (factors.token_factor.to(dtype) * scale).masked_fill_(~mask, 0.0)
