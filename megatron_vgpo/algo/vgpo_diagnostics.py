@@ -29,13 +29,22 @@ VISUAL_TOKEN_TOP_FRACTION = 0.4
 Moments = dict[str, torch.Tensor]
 
 
-def _moments(values: torch.Tensor) -> torch.Tensor:
-    """``[count, sum, sum_sq, min, max]`` (float64) of a 1-D selection."""
-    v = values.to(torch.float64)
-    if v.numel() == 0:
-        return torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=values.device)
-    n = torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)
-    return torch.stack([n, v.sum(), (v * v).sum(), v.min(), v.max()])
+def _moments(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """``[count, sum, sum_sq, min, max]`` (float64) of ``values`` where ``select`` (same shape) is True.
+
+    Masked reductions instead of boolean indexing: no ``nonzero`` and no gathered copy.
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    picked = torch.where(select, values, zero)
+    # Sums in the input dtype (torch's cascaded summation), then float64: a dtype= argument would first
+    # copy the whole block to float64, which dominated the cost on CPU.
+    count = select.sum().to(torch.float64)
+    total = picked.sum().to(torch.float64)
+    total_sq = (picked * picked).sum().to(torch.float64)
+    inf = torch.full((), math.inf, dtype=values.dtype, device=values.device)
+    lo = torch.where(select, values, inf).amin().to(torch.float64) if values.numel() else count.new_tensor(math.inf)
+    hi = torch.where(select, values, -inf).amax().to(torch.float64) if values.numel() else -count.new_tensor(math.inf)
+    return torch.stack([count, total, total_sq, lo, hi])
 
 
 def block_moments(
@@ -50,29 +59,29 @@ def block_moments(
 ) -> Moments:
     """Moments of one row block. All ``[b, T]`` except ``length [b]``; ``comp``/``gate`` may be None."""
     out: Moments = {
-        "intra_weight": _moments(w_hat[mask]),
-        "advantage_weighting_factor": _moments(token_factor[mask]),
+        "intra_weight": _moments(w_hat, mask),
+        "advantage_weighting_factor": _moments(token_factor, mask),
     }
     third = (length // 3).unsqueeze(-1)
     early = mask & (position < third)
     late = mask & (position >= length.unsqueeze(-1) - third)
     if comp is not None:
         multiplier = 1.0 + comp
-        out["visual_compensation"] = _moments(multiplier[mask])
-        out["visual_compensation_early"] = _moments(multiplier[early])
-        out["visual_compensation_late"] = _moments(multiplier[late])
+        out["visual_compensation"] = _moments(multiplier, mask)
+        out["visual_compensation_early"] = _moments(multiplier, early)
+        out["visual_compensation_late"] = _moments(multiplier, late)
     if gate is not None:
-        g = gate.to(torch.float64)
-        out["gating"] = _moments(g[mask])
-        out["gating_early"] = _moments(g[early])
-        out["gating_late"] = _moments(g[late])
+        g = gate.to(rho.dtype)
+        out["gating"] = _moments(g, mask)
+        out["gating_early"] = _moments(g, early)
+        out["gating_late"] = _moments(g, late)
     k = torch.floor(VISUAL_TOKEN_TOP_FRACTION * length.to(torch.float64)).long().clamp(min=1)
-    marked = (mask & (rho >= masked_row_kth_largest(rho, mask, k))).to(torch.float64)
+    marked = mask & (rho >= masked_row_kth_largest(rho, mask, k))
     first_half = position < (length // 2).unsqueeze(-1)
     rows = length > 0
-    denom = length.clamp(min=1).to(torch.float64)
-    out["vt_first"] = _moments(((marked * first_half).sum(-1) / denom)[rows])
-    out["vt_second"] = _moments(((marked * ~first_half).sum(-1) / denom)[rows])
+    denom = length.clamp(min=1).to(rho.dtype)
+    out["vt_first"] = _moments((marked & first_half).sum(-1).to(rho.dtype) / denom, rows)
+    out["vt_second"] = _moments((marked & ~first_half).sum(-1).to(rho.dtype) / denom, rows)
     return out
 
 
@@ -81,9 +90,7 @@ def merge_moments(parts: list[Moments]) -> Moments:
     merged: Moments = {}
     for key in parts[0]:
         stacked = torch.stack([p[key] for p in parts])
-        merged[key] = torch.cat(
-            [stacked[:, :3].sum(0), stacked[:, 3].min().view(1), stacked[:, 4].max().view(1)]
-        )
+        merged[key] = torch.cat([stacked[:, :3].sum(0), stacked[:, 3].min().view(1), stacked[:, 4].max().view(1)])
     return merged
 
 
@@ -101,9 +108,7 @@ def finish_token_metrics(moments: Moments) -> dict[str, float]:
     for key in ("intra_weight", "advantage_weighting_factor"):
         out.update({f"{key}_{s}": stats[key][s] for s in ("mean", "min", "max", "std")})
     if "visual_compensation" in stats:
-        out.update(
-            {f"visual_compensation_{s}": stats["visual_compensation"][s] for s in ("mean", "max", "std")}
-        )
+        out.update({f"visual_compensation_{s}": stats["visual_compensation"][s] for s in ("mean", "max", "std")})
         early, late = stats["visual_compensation_early"]["mean"], stats["visual_compensation_late"]["mean"]
         out.update(
             visual_compensation_early_mean=early,
