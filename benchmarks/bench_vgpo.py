@@ -3,10 +3,12 @@
     python benchmarks/bench_vgpo.py            # B=4096 trajectories x T=2048 tokens
     python benchmarks/bench_vgpo.py --quick    # B=256 x T=512
 
-Time: min and median wall-clock of ``--repeats`` runs after one warm-up (the machine is shared: min is the
-least disturbed run). Peak memory: the peak of the process
-RSS (psutil, sampled every 2 ms by a background thread) minus the RSS just before the call, i.e. the extra
-resident memory the call needed; tracemalloc is not used because it does not see torch's allocator.
+Time: wall-clock min and median, and the min of the process CPU time (all threads), over ``--repeats``
+runs after one warm-up. The machine is shared, so wall times include waiting for a core; the CPU time
+does not, and the last column ("CPU / loss") is the CPU time relative to ``policy_loss`` forward+backward
+on the same batch. Peak memory: the peak of the process RSS (psutil, sampled every 2 ms by a background
+thread, in a separate run) minus the RSS just before the call, i.e. the extra resident memory the call
+needed; tracemalloc is not used because it does not see torch's allocator.
 The per-sequence loop runs on the first ``--loop-rows`` rows only and is extrapolated linearly to B (its
 cost is per row); its output is checked against the vectorized one on those rows.
 """
@@ -65,22 +67,28 @@ class PeakRSS:
         self.extra_mib = (self.peak - self.baseline) / 2**20
 
 
-def measure(fn: Callable[[], Any], repeats: int) -> tuple[float, float, float]:
-    """(min seconds, median seconds over ``repeats`` timed runs, extra RSS MiB of one separate sampled run).
+Row = tuple[str, float, float, float, float]
 
-    Timing and memory use separate runs: the sampling thread competes for the GIL and would inflate times.
+
+def measure(fn: Callable[[], Any], repeats: int) -> tuple[float, float, float, float]:
+    """(min wall s, median wall s, min process CPU s, extra RSS MiB) over ``repeats`` runs after a warm-up.
+
+    Process CPU time (all threads of this process) is the robust number on a shared machine: it does not
+    count time spent waiting for a core. Memory is sampled in a separate run: the sampling thread competes
+    for the GIL and would inflate times.
     """
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
         del out
     with PeakRSS() as mem:
         out = fn()
     del out
-    return min(times), statistics.median(times), mem.extra_mib
+    return min(walls), statistics.median(walls), min(cpus), mem.extra_mib
 
 
 def make_batch(B: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -128,13 +136,13 @@ def loop_vgpo(rho: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, cf
     return token_factor, traj
 
 
-def run(B: int, T: int, repeats: int, loop_rows: int) -> list[tuple[str, float, float, float]]:
+def run(B: int, T: int, repeats: int, loop_rows: int) -> list[Row]:
     batch = make_batch(B, T)
     cfg = VGPOConfig()
     cfg_nodiag = VGPOConfig(diagnostics=False)
     mask, cos, ids = batch["mask"], batch["cos"], batch["group_ids"]
     rho = focus_from_cosine(cos, mask, cfg)
-    rows: list[tuple[str, float, float, float]] = []
+    rows: list[Row] = []
 
     def vgpo_full() -> torch.Tensor:
         r = focus_from_cosine(cos, mask, cfg)
@@ -150,7 +158,9 @@ def run(B: int, T: int, repeats: int, loop_rows: int) -> list[tuple[str, float, 
 
     n = min(loop_rows, B)
     sub_ids = ids[:n]
-    loop_min, loop_median, loop_mem = measure(lambda: loop_vgpo(rho[:n], mask[:n], sub_ids, cfg), max(1, repeats // 2))
+    loop_min, loop_median, loop_cpu, loop_mem = measure(
+        lambda: loop_vgpo(rho[:n], mask[:n], sub_ids, cfg), max(1, repeats // 2)
+    )
     ref_tok, ref_traj = loop_vgpo(rho[:n], mask[:n], sub_ids, cfg)
     vec = compute_vgpo_factors(rho[:n], mask[:n], sub_ids, cfg_nodiag)
     if not (
@@ -163,6 +173,7 @@ def run(B: int, T: int, repeats: int, loop_rows: int) -> list[tuple[str, float, 
             f"per-sequence loop, {n} rows x{scale:.0f} (extrapolated)",
             loop_min * scale,
             loop_median * scale,
+            loop_cpu * scale,
             loop_mem,
         )
     )
@@ -200,17 +211,17 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = run(B, T, args.repeats, args.loop_rows)
     load_after = os.getloadavg()[0]
-    ref = {row[0]: row[1] for row in rows}
+    ref = {row[0]: row[3] for row in rows}
     loss_fb = ref["policy_loss forward+backward"]
     threads = torch.get_num_threads()
     logger.info(
         "B=%d T=%d, torch %s, %d threads, %d repeats, %d CPUs, 1-min load average %.1f -> %.1f",
         B, T, torch.__version__, threads, args.repeats, os.cpu_count() or 0, load_before, load_after,
     )  # fmt: skip
-    logger.info("| step | min time (s) | median time (s) | peak extra RSS (MiB) | min time / policy_loss fwd+bwd |")
-    logger.info("|---|---:|---:|---:|---:|")
-    for name, best, median, mib in rows:
-        logger.info("| %s | %.3f | %.3f | %.0f | %.2f |", name, best, median, mib, best / loss_fb)
+    logger.info("| step | wall min (s) | wall median (s) | CPU time min (s) | peak extra RSS (MiB) | CPU / loss |")
+    logger.info("|---|---:|---:|---:|---:|---:|")
+    for name, best, median, cpu, mib in rows:
+        logger.info("| %s | %.3f | %.3f | %.3f | %.0f | %.2f |", name, best, median, cpu, mib, cpu / loss_fb)
 
 
 if __name__ == "__main__":
