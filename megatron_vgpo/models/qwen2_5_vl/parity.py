@@ -13,6 +13,7 @@ SP, the sequence-sharded final-norm hidden states) over TP and compares them at 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,7 @@ def make_parity_batch(hf_dir: str | Path, *, seed: int = 0, pad_to_multiple: int
     texts, images = [], []
     for sample, sizes in enumerate(_IMAGE_SIZES):
         content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": _TEXTS[sample]}]
-        texts.append(
-            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        )
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
         images.extend(_image(size, seed * 100 + sample * 10 + i) for i, size in enumerate(sizes))
     batch = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
     seq = batch["input_ids"].shape[1]
@@ -169,7 +168,8 @@ def parity_rank_body(
     torch.manual_seed(seed)
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_state = read_hf_state_dict(hf_dir)
-    batch = make_parity_batch(hf_dir, seed=seed, pad_to_multiple=4)
+    # sequence parallel needs the length divisible by TP
+    batch = make_parity_batch(hf_dir, seed=seed, pad_to_multiple=math.lcm(4, *(tp for tp, _, _ in layouts)))
     ref = hf_reference(hf_dir, batch)
     dev_batch = {k: v.to(device) for k, v in batch.items()}
     valid = batch["attention_mask"].bool()  # [b, s]
@@ -191,9 +191,7 @@ def parity_rank_body(
         entry: dict[str, Any] = {
             "stage": layout.pp_rank,
             "tp_rank": layout.tp_rank,
-            "rope_ids_equal": bool(
-                torch.equal(seen["position_ids"].cpu()[:, valid], ref["position_ids"][:, valid])
-            ),
+            "rope_ids_equal": bool(torch.equal(seen["position_ids"].cpu()[:, valid], ref["position_ids"][:, valid])),
         }
         if logits is not None:
             full_logits = gather_tp(logits, dim=-1)[..., : hf_config.text_config.vocab_size]
@@ -202,9 +200,7 @@ def parity_rank_body(
             if layout.tp_rank == 0:
                 full_logits, full_hidden = full_logits.cpu(), full_hidden.cpu()
                 entry["logits_max_abs_diff"] = _max_diff(full_logits, ref["logits"], valid)
-                entry["final_hidden_max_abs_diff"] = _max_diff(
-                    full_hidden.transpose(0, 1), ref["final_hidden"], valid
-                )
+                entry["final_hidden_max_abs_diff"] = _max_diff(full_hidden.transpose(0, 1), ref["final_hidden"], valid)
         if check_errors and layout.pp_rank == 0 and not result.get("mismatch_error"):
             result["mismatch_error"] = _image_mismatch_message(model, dev_batch)
         result["layouts"][name] = entry
