@@ -219,7 +219,62 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     loaded = dc.load_checkpoint(root, model2)
     report["iter2_mismatch"] = _mismatches(model2, _expected_params(model2, layers, salt=2))
     report["iter2_rank_state"] = loaded.rank_state  # same layout: restored
+
+    # 8. Optimizer state: one Adam step, save, a second step -> reference; a fresh model + optimizer loaded
+    #    from the checkpoint must reproduce the second step bit for bit (plain and distributed optimizer).
+    for dist_opt in (False, True):
+        tag = "distopt" if dist_opt else "plain"
+        opt_root = Path(root) / f"opt_{tag}"
+        model, ddp, opt = _model_with_optimizer(hf, dist_opt, salt=3)
+        _adam_step(ddp, opt, salt=10)
+        dc.save_checkpoint(opt_root, ddp, hf_config=hf, iteration=1, optimizer=opt,
+                           extra_state={"step": 1})
+        _adam_step(ddp, opt, salt=11)
+        reference = _snapshot(model)
+        model2, ddp2, opt2 = _model_with_optimizer(hf, dist_opt, salt=4)
+        loaded = dc.load_checkpoint(opt_root, ddp2, optimizer=opt2)
+        _adam_step(ddp2, opt2, salt=11)
+        report[f"resume_{tag}"] = [n for n, p in model2.named_parameters() if not torch.equal(p, reference[n])]
+        report[f"resume_{tag}_moved"] = any(not torch.equal(p, _expected_params(model2, layers, 3)[n])
+                                            for n, p in model2.named_parameters())
+        report[f"resume_{tag}_extra"] = loaded.extra_state
     return report
+
+
+def _model_with_optimizer(hf: dict, dist_opt: bool, salt: int):
+    """TP2 (x DP2) GPTModel filled from the global reference, wrapped in DDP, with a Megatron Adam."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = _build_gpt(hf, tp=2, pp=1)
+    _fill(model, _expected_params(model, hf["num_hidden_layers"], salt))
+    ddp = DistributedDataParallel(
+        config=model.config, module=model,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=dist_opt),
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, use_distributed_optimizer=dist_opt,
+                        params_dtype=torch.float32),
+        [ddp],
+    )
+    return model, ddp, opt
+
+
+def _adam_step(ddp, opt, salt: int) -> None:
+    """One optimizer step on deterministic gradients (equal on every DP rank, so no reduction is needed)."""
+    from megatron.core import parallel_state as ps
+
+    ddp.zero_grad_buffer()
+    with torch.no_grad():
+        for name, p in ddp.module.named_parameters():
+            # TP-replicated parameters (norms) get the same gradient on every TP rank, as in training.
+            tp_coord = ps.get_tensor_model_parallel_rank() * 100 if getattr(p, "tensor_model_parallel", False) else 0
+            coord = tp_coord + ps.get_pipeline_model_parallel_rank()
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + salt + coord)
+            p.main_grad.copy_(torch.randn(p.shape, generator=gen))
+    ok, _, _ = opt.step()
+    assert ok
 
 
 @pytest.mark.multirank
@@ -241,6 +296,9 @@ def test_cross_layout_reload_crash_safety_and_refusal(tmp_path):
         assert r["untouched"]
         assert r["final_latest"] == "iter_0000002" and r["leftovers"] == []
         assert r["iter2_mismatch"] == [] and r["iter2_rank_state"] == {"rank": rank}
+        for tag in ("plain", "distopt"):
+            assert r[f"resume_{tag}"] == [], (tag, r[f"resume_{tag}"])
+            assert r[f"resume_{tag}_moved"] and r[f"resume_{tag}_extra"] == {"step": 1}
     assert reports[0]["crash2_raised"]
     assert {r["layout"] for r in reports} == {(0, 0), (1, 0), (0, 1), (1, 1)}
     meta = json.loads((root / "iter_0000002" / "vgpo_checkpoint.json").read_text())

@@ -23,7 +23,9 @@ State kinds:
 
 * ``model`` -- the model's ``sharded_state_dict()`` (resharded freely across TP/PP).
 * ``optimizer`` -- the Megatron optimizer's ``sharded_state_dict`` (the distributed optimizer is saved as
-  ``dp_reshardable``, which requires the same TP/PP at load; load happens under ``torch.no_grad()``).
+  ``dp_reshardable``, which requires the same TP/PP at load; load happens under ``torch.no_grad()``; a
+  fresh distributed optimizer is primed with zero state first, and torch Adam's per-parameter ``step`` is
+  recorded and restored explicitly, so a resumed step is bit-identical to the uninterrupted one).
 * ``extra_state`` -- a picklable object common to all ranks (data position, step counters, config); rank
   0's copy is stored.
 * ``rank_state`` -- a picklable object per rank (RNG states); restored only when the load layout equals the
@@ -243,15 +245,72 @@ def _versions() -> dict[str, str]:
 
 def _is_distributed_optimizer(optimizer: Any) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import ChainedOptimizer
 
-    if isinstance(optimizer, ChainedOptimizer):
-        return any(isinstance(o, DistributedOptimizer) for o in optimizer.chained_optimizers)
-    return isinstance(optimizer, DistributedOptimizer)
+    return any(isinstance(o, DistributedOptimizer) for o in _inner_optimizers(optimizer))
 
 
 def _optimizer_metadata(optimizer: Any) -> dict[str, Any] | None:
     return {"distrib_optim_sharding_type": "dp_reshardable"} if _is_distributed_optimizer(optimizer) else None
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    return list(optimizer.chained_optimizers) if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+
+
+def _prime_for_loading(optimizer: Any) -> None:
+    """Give a never-stepped distributed optimizer the per-parameter state its ``state_dict`` needs.
+
+    Megatron's ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` reads ``state_dict()``, which
+    (without apex / Transformer Engine, i.e. torch's Adam) requires every parameter's state to hold the
+    same ``step``; a fresh optimizer has no state at all. Zeros are filled in here and then overwritten by
+    the checkpoint (``load_state_dict`` restores ``step`` and Adam's moments).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+
+
+def _torch_adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    out = []
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            out.append(inner)
+    return out
+
+
+def _adam_step_count(optimizer: Any) -> float | None:
+    """The (common) Adam step of torch Adam states, or ``None`` when there is none to record."""
+    steps = {float(state["step"]) for inner in _torch_adams(optimizer) for state in inner.state.values()
+             if "step" in state}
+    if len(steps) > 1:
+        raise CheckpointError(f"optimizer parameters are at different Adam steps {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _restore_adam_step(optimizer: Any, step: float | None) -> None:
+    """Set every torch Adam parameter state's ``step`` (Megatron's distributed optimizer restores it from
+    its parameter groups, which torch's Adam does not keep; without this a resumed run restarts the bias
+    correction at step 0 and diverges from the uninterrupted run)."""
+    if step is None:
+        return
+    for inner in _torch_adams(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _rank_state_object(data: Any, rank: int, world: int) -> Any:
@@ -272,6 +331,8 @@ def _build_sharded_state(
     model_sd = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
+        if is_loading:
+            _prime_for_loading(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata=_optimizer_metadata(optimizer)
         )
@@ -350,6 +411,8 @@ def save_checkpoint(
                                  with_rank_state=rank_state is not None)
     if extra_state is not None:
         state["extra_state"] = extra_state
+    if optimizer is not None:
+        state["optimizer_adam_step"] = _adam_step_count(optimizer)
     dist_checkpointing.save(state, str(tmp / DIST_DIR))
     _barrier()
 
@@ -473,6 +536,7 @@ def load_checkpoint(
         module.load_state_dict(loaded["model"], strict=strict)
         if opt is not None:
             opt.load_state_dict(loaded["optimizer"])
+            _restore_adam_step(opt, loaded.get("optimizer_adam_step"))
     _barrier()
     logger.info("loaded checkpoint %s (iteration %d) on %d rank(s)", ckpt, meta.iteration, world)
     return LoadedCheckpoint(
