@@ -201,3 +201,12 @@ def test_unrepresentable_configs_are_refused_naming_the_field(tiny_hf_dir: Path)
         check_supported(hf_config)
     assert "text_config.use_sliding_window=True" in str(info.value)
     assert "text_config.hidden_act='gelu'" in str(info.value)
+
+
+def test_lazy_checkpoint_reads_the_same_shards(small_hf_dir: Path):
+    hf_config, eager = _load(small_hf_dir)
+    lazy = read_hf_state_dict(small_hf_dir, lazy=True)
+    assert sorted(lazy) == sorted(eager) and lazy.shape("lm_head.weight") == eager["lm_head.weight"].shape
+    for tp_rank, pp_rank in [(1, 0), (0, 1)]:
+        kwargs = {"tp_rank": tp_rank, "tp_size": 2, "pp_rank": pp_rank, "pp_size": 2}
+        _assert_exact(hf_to_megatron_shard(lazy, hf_config, **kwargs), hf_to_megatron_shard(eager, hf_config, **kwargs))

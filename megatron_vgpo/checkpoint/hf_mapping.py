@@ -343,15 +343,39 @@ def _problems(kind: str, names: list[str]) -> list[str]:
     return [f"{kind} ({len(names)}): {', '.join(sorted(names))}"] if names else []
 
 
-def _check_hf_state(hf: Mapping[str, Tensor], hf_config: Any) -> None:
+class _NormalizedView:
+    """On-disk names over any HF mapping, reading a tensor only when asked (``shape`` uses the mapping's own
+    ``shape(name)`` when it has one, as :class:`LazyHFCheckpoint` does, so checks read no tensor data)."""
+
+    def __init__(self, source: Mapping[str, Tensor]) -> None:
+        self._source = source
+        self._names = {normalize_hf_name(k): k for k in source}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._source[self._names[name]]
+
+    def shape(self, name: str) -> torch.Size:
+        shape_of = getattr(self._source, "shape", None)
+        if callable(shape_of):
+            return torch.Size(shape_of(self._names[name]))
+        return self._source[self._names[name]].shape
+
+
+def _check_hf_state(hf: _NormalizedView, hf_config: Any) -> None:
     expected = expected_hf_shapes(hf_config)
     missing = [n for n in expected if n not in hf]
     allowed_extra = {"lm_head.weight"} if hf_config.tie_word_embeddings else set()
     unexpected = [n for n in hf if n not in expected and n not in allowed_extra]
     bad = [
-        f"{n} {tuple(hf[n].shape)} != {tuple(shape)}"
+        f"{n} {tuple(hf.shape(n))} != {tuple(shape)}"
         for n, shape in expected.items()
-        if n in hf and hf[n].shape != shape
+        if n in hf and hf.shape(n) != shape
     ]
     problems = _problems("missing", missing) + _problems("unexpected", unexpected) + _problems("mis-shaped", bad)
     if problems:
@@ -383,7 +407,7 @@ def hf_to_megatron_shard(
     check_supported(hf_config, tp=tp_size, pp=pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise ValueError(f"rank (tp {tp_rank}, pp {pp_rank}) outside layout tp={tp_size}, pp={pp_size}")
-    hf = {normalize_hf_name(k): v for k, v in hf_state_dict.items()}
+    hf = _NormalizedView(hf_state_dict)
     _check_hf_state(hf, hf_config)
     sizes, te = Sizes.from_hf(hf_config), use_te_spec() if te is None else te
     shard: dict[str, Tensor] = {}
@@ -391,9 +415,9 @@ def hf_to_megatron_shard(
         tensor = rule.transform.to_shard([hf[n] for n in rule.hf], sizes, tp_rank, tp_size)
         shard[rule.megatron] = tensor.detach().clone().contiguous()
     if pp_rank == 0:
-        for name, tensor in hf.items():
+        for name in hf:
             if name.startswith(VISION_HF_PREFIX):
-                shard[VISION_MEGATRON_PREFIX + name[len(VISION_HF_PREFIX) :]] = tensor.detach().clone()
+                shard[VISION_MEGATRON_PREFIX + name[len(VISION_HF_PREFIX) :]] = hf[name].detach().clone()
     expected = expected_shard_shapes(
         hf_config, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size, te=te
     )
@@ -438,17 +462,49 @@ def load_hf_weights(model: torch.nn.Module, hf_state_dict: Mapping[str, Tensor],
             tensor.copy_(shard[name])
 
 
-def read_hf_state_dict(hf_dir: str | Path) -> dict[str, Tensor]:
-    """All tensors of an HF checkpoint folder (``*.safetensors``), on CPU, with their on-disk names."""
-    from safetensors.torch import load_file
+def read_hf_state_dict(hf_dir: str | Path, *, lazy: bool = False) -> Mapping[str, Tensor]:
+    """All tensors of an HF checkpoint folder (``*.safetensors``) with their on-disk names, on CPU.
 
-    files = sorted(Path(hf_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {hf_dir}")
-    state: dict[str, Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return state
+    ``lazy=True`` returns a :class:`LazyHFCheckpoint` that reads each tensor only when indexed (what a rank
+    of a large model should pass to :func:`hf_to_megatron_shard` / :func:`load_hf_weights`: it then reads
+    only its own stage's tensors); otherwise a plain dict with everything read.
+    """
+    checkpoint = LazyHFCheckpoint(hf_dir)
+    return checkpoint if lazy else {name: checkpoint[name] for name in checkpoint}
+
+
+class LazyHFCheckpoint(Mapping[str, Tensor]):
+    """Read-only mapping over the safetensors files of an HF folder; ``shape(name)`` reads no data."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(Path(hf_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {hf_dir}")
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                self._file_of.update(dict.fromkeys(handle.keys(), file))
+
+    def __getitem__(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def shape(self, name: str) -> torch.Size:
+        """Shape of tensor ``name`` from the file header."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="pt") as handle:
+            return torch.Size(handle.get_slice(name).get_shape())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -542,6 +598,7 @@ __all__ = [
     "LM_PREFIX",
     "VISION_HF_PREFIX",
     "VISION_MEGATRON_PREFIX",
+    "LazyHFCheckpoint",
     "Rule",
     "Sizes",
     "WeightMappingError",

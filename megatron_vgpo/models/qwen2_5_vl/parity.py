@@ -167,7 +167,7 @@ def parity_rank_body(
     device = compute_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     torch.manual_seed(seed)
     hf_config = AutoConfig.from_pretrained(hf_dir)
-    hf_state = read_hf_state_dict(hf_dir)
+    hf_state = read_hf_state_dict(hf_dir, lazy=True)  # each rank reads only its own tensors
     # sequence parallel needs the length divisible by TP
     batch = make_parity_batch(hf_dir, seed=seed, pad_to_multiple=math.lcm(4, *(tp for tp, _, _ in layouts)))
     ref = hf_reference(hf_dir, batch)
