@@ -219,9 +219,7 @@ def test_appendix_b_paper_mode_and_uid_grouping_agree() -> None:
 
 @pytest.mark.parametrize("focus_norm", ["affine", "batch_minmax"])
 @pytest.mark.parametrize("intra,inter,compensation,gating", SWITCHES)
-def test_matches_restatement(
-    intra: bool, inter: bool, compensation: bool, gating: bool, focus_norm: str
-) -> None:
+def test_matches_restatement(intra: bool, inter: bool, compensation: bool, gating: bool, focus_norm: str) -> None:
     seed = int(f"{intra:d}{inter:d}{compensation:d}{gating:d}{focus_norm == 'affine':d}", 2)
     rng = np.random.default_rng(seed)
     variants = itertools.product(
@@ -272,9 +270,7 @@ def test_matches_restatement(
         if gates is not None:
             valid = mask.numpy()
             assert factors.diagnostics["gating_pass_rate"] == pytest.approx(gates[valid].mean(), abs=1e-12)
-        assert factors.diagnostics["advantage_weighting_factor_mean"] == pytest.approx(
-            f[mask.numpy()].mean(), abs=1e-9
-        )
+        assert factors.diagnostics["advantage_weighting_factor_mean"] == pytest.approx(f[mask.numpy()].mean(), abs=1e-9)
         assert factors.diagnostics["trajectory_weighting_factor_min"] == pytest.approx(g.min(), abs=1e-9)
 
 
@@ -431,9 +427,7 @@ def test_diagnostics_match_restatement_on_appendix_b() -> None:
     late = [gates[i, t] for i, L in enumerate(lengths) for t in range(L - L // 3, L)]
     assert d["gating_pass_rate_early"] == pytest.approx(np.mean(early))
     assert d["gating_pass_rate_late"] == pytest.approx(np.mean(late))
-    comp_late = [
-        1 + gates[i, t] * ref_comp(t, L, cfg) for i, L in enumerate(lengths) for t in range(L - L // 3, L)
-    ]
+    comp_late = [1 + gates[i, t] * ref_comp(t, L, cfg) for i, L in enumerate(lengths) for t in range(L - L // 3, L)]
     assert d["visual_compensation_late_mean"] == pytest.approx(np.mean(comp_late))
     first, second = [], []
     for i, L in enumerate(lengths):
@@ -444,6 +438,16 @@ def test_diagnostics_match_restatement_on_appendix_b() -> None:
         second.append(sum(marked[L // 2 :]) / L)
     assert d["visual_token_percentage_first_half"] == pytest.approx(np.mean(first))
     assert d["visual_token_percentage_second_half"] == pytest.approx(np.mean(second))
-    assert d["visual_token_percentage_late_early_ratio"] == pytest.approx(
-        np.mean(second) / (np.mean(first) + 1e-8)
-    )
+    assert d["visual_token_percentage_late_early_ratio"] == pytest.approx(np.mean(second) / (np.mean(first) + 1e-8))
+
+
+def test_apply_vgpo_accepts_per_token_advantages() -> None:
+    cos, mask = appendix_batch()
+    cfg = VGPOConfig(focus_norm="batch_minmax", grouping="reference_blocks")
+    factors = compute_vgpo_factors(focus_from_cosine(cos, mask, cfg), mask, None, cfg)
+    per_token = torch.randn(3, 6)
+    out = apply_vgpo(per_token, factors, mask)
+    expected = per_token * factors.traj_factor[:, None] * factors.token_factor * mask
+    assert torch.allclose(out, expected) and torch.all(out[~mask] == 0)
+    with pytest.raises(ValueError, match="advantages"):
+        apply_vgpo(torch.zeros(4), factors, mask)

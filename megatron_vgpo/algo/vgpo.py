@@ -89,7 +89,8 @@ class VGPOConfig:
         token_clamp / traj_clamp: (low, high) clamps of ``f`` and ``g``.
         imageless: "neutral" (rows without image tokens get f = g = 1 and stay out of group statistics) or
             "reference" (treated like any other row: the code artifact of spec 4.5).
-        bf16_focus: quantize cos and rho to bf16 like the released bf16 run (creates ties).
+        bf16_focus: round cos and then rho to bf16 like the released bf16 run (creates ties). The
+            arithmetic between the two roundings is fp32, so it is not bit-exact to a bf16 min-max.
         diagnostics: compute the spec 7.2 metric dict (costs one extra top-k per row and a host sync).
     """
 
