@@ -73,9 +73,7 @@ def test_matches_restatement(agg: str, kl_type: str) -> None:
     # Row 0 is full length: force one high-clipped, one low-clipped and one dual-clipped token.
     old[0, 1:4] = lp[0, 1:4] - np.array([0.5, -0.5, 2.0])
     adv[0, 1:4] = [1.0, -1.0, -1.0]
-    kw = dict(
-        clip_low=0.2, clip_high=0.28, dual=3.0, clamp=20.0, kl_coef=0.05, kl_type=kl_type, ent_coef=0.01
-    )
+    kw = dict(clip_low=0.2, clip_high=0.28, dual=3.0, clamp=20.0, kl_coef=0.05, kl_type=kl_type, ent_coef=0.01)
     per_token = np.zeros((B, T))
     flags = {"high": [], "low": [], "dual": [], "approx_kl": [], "pg": []}
     for i in range(B):
@@ -146,9 +144,7 @@ def test_micro_batch_and_dp_splits_sum_to_full_batch(agg: str) -> None:
         key, value = "global_sequences", int((mask.sum(-1) > 0).sum())
 
     def random_sizes(n: int) -> list[int]:
-        cuts = (
-            sorted(rng.choice(np.arange(1, n), size=min(2, n - 1), replace=False).tolist()) if n > 1 else []
-        )
+        cuts = sorted(rng.choice(np.arange(1, n), size=min(2, n - 1), replace=False).tolist()) if n > 1 else []
         bounds = [0, *cuts, n]
         return [b - a for a, b in itertools.pairwise(bounds)]
 
@@ -161,9 +157,7 @@ def test_micro_batch_and_dp_splits_sum_to_full_batch(agg: str) -> None:
             # Gradient view: DDP averages over ranks, so each rank scales its summed loss by dp.
             averaged = (
                 sum(
-                    scale_for_dp_average(
-                        _split_sum(lp_t, old_t, adv_t, mask_t, [r], random_sizes, agg, key, value), dp
-                    )
+                    scale_for_dp_average(_split_sum(lp_t, old_t, adv_t, mask_t, [r], random_sizes, agg, key, value), dp)
                     for r in ranks
                 )
                 / dp
@@ -178,9 +172,7 @@ def test_local_token_mean_of_micro_batches_is_not_the_global_mean() -> None:
     lp = torch.zeros(2, 4, dtype=torch.float64)
     adv = torch.tensor([[1.0] * 4, [-2.0] * 4], dtype=torch.float64)
     full, _ = policy_loss(lp, lp, adv, mask)
-    parts = sum(
-        policy_loss(lp[i : i + 1], lp[i : i + 1], adv[i : i + 1], mask[i : i + 1])[0] for i in range(2)
-    )
+    parts = sum(policy_loss(lp[i : i + 1], lp[i : i + 1], adv[i : i + 1], mask[i : i + 1])[0] for i in range(2))
     assert not math.isclose(float(full), float(parts) / 2)
 
 

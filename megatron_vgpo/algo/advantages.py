@@ -113,15 +113,11 @@ def compute_outcome_advantages(
         its single member gets advantage 0 (its reward equals its own group mean), never NaN.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(
-            f"unknown advantage estimator {estimator!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}"
-        )
+        raise ValueError(f"unknown advantage estimator {estimator!r}; registered: {sorted(ADVANTAGE_ESTIMATORS)}")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     if group_ids.shape != rewards.shape:
-        raise ValueError(
-            f"group_ids has shape {tuple(group_ids.shape)} but rewards has shape {tuple(rewards.shape)}"
-        )
+        raise ValueError(f"group_ids has shape {tuple(group_ids.shape)} but rewards has shape {tuple(rewards.shape)}")
     if not rewards.is_floating_point():
         raise TypeError(f"rewards must be a float tensor, got dtype {rewards.dtype}")
     if eps < 0:
@@ -140,7 +136,6 @@ def broadcast_to_tokens(advantages: torch.Tensor, response_mask: torch.Tensor) -
     mask = as_bool_mask(response_mask)
     if advantages.dim() != 1 or mask.dim() != 2 or advantages.shape[0] != mask.shape[0]:
         raise ValueError(
-            f"advantages must be [B] and response_mask [B, T]; got {tuple(advantages.shape)} and "
-            f"{tuple(mask.shape)}"
+            f"advantages must be [B] and response_mask [B, T]; got {tuple(advantages.shape)} and {tuple(mask.shape)}"
         )
     return advantages.unsqueeze(-1) * mask.to(advantages.dtype)

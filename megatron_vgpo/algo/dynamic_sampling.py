@@ -48,9 +48,7 @@ def group_filter_mask(
     """``[B]`` bool: True for trajectories whose group mean accuracy is strictly inside ``(low, high)``."""
     _validate_bounds(low, high)
     if accuracy.shape != group_ids.shape or accuracy.dim() != 1:
-        raise ValueError(
-            f"accuracy {tuple(accuracy.shape)} and group_ids {tuple(group_ids.shape)} must both be [B]"
-        )
+        raise ValueError(f"accuracy {tuple(accuracy.shape)} and group_ids {tuple(group_ids.shape)} must both be [B]")
     if accuracy.numel() == 0:
         return torch.zeros(0, dtype=torch.bool, device=accuracy.device)
     means, index = group_mean(accuracy, group_ids)
@@ -129,9 +127,7 @@ class DynamicSamplingBuffer:
     the ``max_rounds``-th round still leaves the buffer short.
     """
 
-    def __init__(
-        self, target_groups: int, max_rounds: int = 0, low: float = 0.01, high: float = 0.99
-    ) -> None:
+    def __init__(self, target_groups: int, max_rounds: int = 0, low: float = 0.01, high: float = 0.99) -> None:
         if target_groups <= 0:
             raise ValueError(f"target_groups must be > 0, got {target_groups}")
         _validate_bounds(low, high)
@@ -217,9 +213,7 @@ class DynamicSamplingBuffer:
     def metrics(self) -> dict[str, float]:
         """Bookkeeping numbers for logging."""
         mean_disagree = (
-            sum(self.disagreement_fractions) / len(self.disagreement_fractions)
-            if self.disagreement_fractions
-            else 0.0
+            sum(self.disagreement_fractions) / len(self.disagreement_fractions) if self.disagreement_fractions else 0.0
         )
         return {
             "dynamic_sampling/rounds": float(self.rounds),

@@ -74,9 +74,7 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
-def kl_penalty(
-    log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: str = "low_var_kl"
-) -> torch.Tensor:
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: str = "low_var_kl") -> torch.Tensor:
     """Per-token KL estimate ``[B, T]`` between the policy and a reference (see ``KL_ESTIMATORS``)."""
     if kl_type not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_type {kl_type!r}; choose one of {sorted(KL_ESTIMATORS)}")

@@ -39,8 +39,7 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **others: tor
     for name, tensor in others.items():
         if tensor is not None and tensor.shape != reference.shape:
             raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but {reference_name} has shape "
-                f"{tuple(reference.shape)}"
+                f"{name} has shape {tuple(tensor.shape)} but {reference_name} has shape {tuple(reference.shape)}"
             )
 
 
