@@ -74,7 +74,7 @@ def _check_roundtrip(res: subprocess.CompletedProcess, source: Path, work: Path,
             assert (work / "hf_export" / name).read_bytes() == (source / name).read_bytes(), name
 
 
-TINY_ROUNDTRIPS = [(1, 1, 2, 2), (2, 1, 1, 2)]  # (import tp, pp, export tp, pp): tied embeddings
+TINY_ROUNDTRIPS = [(1, 1, 2, 2), (2, 1, 1, 1)]  # (import tp, pp, export tp, pp): tied embeddings
 
 
 @pytest.mark.multirank
@@ -88,9 +88,10 @@ def test_tiny_roundtrip_exact_across_layouts(case, tiny_hf_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_roundtrip(small_hf_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """The small (untied, GQA 3) model imported at TP2 x PP2 and exported at TP1 x PP1."""
+    """The small (untied, GQA 3) model imported at TP2 x PP2 and exported at TP1 x PP2 (one file per stage
+    plus ``model.safetensors.index.json``)."""
     work = tmp_path_factory.mktemp("small_roundtrip")
-    return _roundtrip(small_hf_dir, work, 2, 2, 1, 1), work
+    return _roundtrip(small_hf_dir, work, 2, 2, 1, 2), work
 
 
 @pytest.mark.multirank
@@ -98,6 +99,9 @@ def small_roundtrip(small_hf_dir, tmp_path_factory) -> tuple[subprocess.Complete
 def test_small_roundtrip_exact_and_same_logits_in_transformers(small_roundtrip, small_hf_dir):
     res, work = small_roundtrip
     _check_roundtrip(res, small_hf_dir, work, 2, 2)
+    index = json.loads((work / "hf_export" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
     _assert_same_logits(small_hf_dir, work / "hf_export")
 
 

@@ -122,7 +122,7 @@ def _import_rank(rank: int, world: int, hf_dir: str, out: str, tp: int, pp: int,
     init_model_parallel(tp, pp)
     cfg = load_hf_config(hf_dir)
     model = build_model(cfg, params_dtype=DTYPES[dtype])
-    load_hf_weights(model, read_hf_state_dict(hf_dir), cfg)
+    load_hf_weights(model, read_hf_state_dict(hf_dir, lazy=True), cfg)  # reads only this stage's tensors
     return str(save_checkpoint(out, model, hf_config=cfg, iteration=0, hf_source_dir=hf_dir, overwrite=overwrite))
 
 
@@ -149,54 +149,78 @@ def import_hf(hf_dir: str | Path, out: str | Path, tp: int, pp: int, *, dtype: s
 # --------------------------------------------------------------------------------------------------
 
 
-def _export_rank(rank: int, world: int, ckpt: str, tp: int, pp: int) -> tuple[int, int, dict]:
+def _export_rank(rank: int, world: int, ckpt: str, tp: int, pp: int, tmp_dir: str) -> list[tuple[str, list]]:
+    """Load the checkpoint at TP x PP and stream this stage's HF tensors (TP-gathered) into safetensors.
+
+    TP rank 0 of each stage writes ``stageNNN-partMMM.safetensors`` files of at most
+    :data:`MAX_SHARD_BYTES` into ``tmp_dir`` and returns ``[(file name, [(tensor name, shape), ...])]``;
+    other ranks return ``[]``. Memory: one stage's tensors at a time, never the whole model.
+    """
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig
+
     from megatron_vgpo.checkpoint.dist_checkpoint import load_checkpoint, read_metadata
-    from megatron_vgpo.checkpoint.hf_mapping import EXTRA_STATE_SUFFIX
+    from megatron_vgpo.checkpoint.hf_mapping import iter_hf_weights
     from megatron_vgpo.distributed.process_groups import init_model_parallel
     from megatron_vgpo.models.qwen2_5_vl import build_model
 
     layout = init_model_parallel(tp, pp)
     meta = read_metadata(ckpt)
-    from transformers import Qwen2_5_VLConfig
-
     cfg = Qwen2_5_VLConfig(**meta.hf_config)
     model = build_model(cfg, params_dtype=DTYPES.get(meta.params_dtype or "float32", torch.float32))
     load_checkpoint(ckpt, model)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-             if not k.endswith(EXTRA_STATE_SUFFIX) and isinstance(v, torch.Tensor)}
-    # One copy per (tp, pp) position is enough: DP replicas return nothing.
-    return layout.tp_rank, layout.pp_rank, state if layout.dp_rank == 0 else {}
+    files: list[tuple[str, list]] = []
+    part: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal part, size
+        if part:
+            name = f"stage{layout.pp_rank:03d}-part{len(files):03d}.safetensors"
+            save_file(part, str(Path(tmp_dir) / name), metadata={"format": "pt"})
+            files.append((name, [(k, tuple(v.shape)) for k, v in part.items()]))
+        part, size = {}, 0
+
+    for name, tensor in iter_hf_weights(model, cfg):  # collective over TP; TP rank 0 yields
+        tensor = tensor.detach().to("cpu").contiguous().clone()
+        nbytes = tensor.numel() * tensor.element_size()
+        if part and size + nbytes > MAX_SHARD_BYTES:
+            flush()
+        part[name] = tensor
+        size += nbytes
+    flush()
+    return files if layout.dp_rank == 0 else []
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path) -> list[str]:
-    """Write ``model.safetensors`` (or shards + index past :data:`MAX_SHARD_BYTES`)."""
+def _assemble_safetensors(tmp: Path, per_rank: list[list[tuple[str, list]]], cfg: Any) -> list[str]:
+    """Rename the stage files to HF's ``model-XXXXX-of-YYYYY`` scheme (or ``model.safetensors``), write the
+    index, and refuse (raise) unless the union of tensors is exactly the HF checkpoint of ``cfg``."""
     import json
 
-    from safetensors.torch import save_file
+    from megatron_vgpo.checkpoint.hf_mapping import expected_hf_shapes
 
-    groups: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        nbytes = t.numel() * t.element_size()
-        if groups[-1] and size + nbytes > MAX_SHARD_BYTES:
-            groups.append({})
-            size = 0
-        groups[-1][name] = t
-        size += nbytes
-    if len(groups) == 1:
-        save_file(groups[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    parts = sorted((item for files in per_rank for item in files), key=lambda f: f[0])
+    written = {n: tuple(shape) for _, names in parts for n, shape in names}
+    expected = {n: tuple(s) for n, s in expected_hf_shapes(cfg).items()}
+    if written != expected:
+        missing = sorted(set(expected) - set(written))
+        extra = sorted(set(written) - set(expected))
+        bad = sorted(n for n in set(expected) & set(written) if expected[n] != written[n])
+        raise RuntimeError(f"exported tensors do not form the HF checkpoint: missing {missing}, "
+                           f"unexpected {extra}, mis-shaped {bad}")
+    if len(parts) == 1:
+        os.rename(tmp / parts[0][0], tmp / "model.safetensors")
         return ["model.safetensors"]
-    files, weight_map = [], {}
-    for i, group in enumerate(groups, start=1):
-        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file(group, str(folder / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update(dict.fromkeys(group, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return files
+    weight_map, names = {}, []
+    for i, (fname, tensors) in enumerate(parts, start=1):
+        final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        os.rename(tmp / fname, tmp / final)
+        names.append(final)
+        weight_map.update({n: final for n, _ in tensors})
+    total = sum((tmp / n).stat().st_size for n in names)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
 
 
 def export_hf(ckpt: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, hf_config: str | None = None,
@@ -206,7 +230,6 @@ def export_hf(ckpt: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, hf
 
     from megatron_vgpo.checkpoint.config_check import ConfigMismatchError, check_hf_configs_match
     from megatron_vgpo.checkpoint.dist_checkpoint import CheckpointError, read_metadata, resolve_checkpoint
-    from megatron_vgpo.checkpoint.hf_mapping import megatron_shards_to_hf
     from megatron_vgpo.models.known_configs import load_hf_config
     from megatron_vgpo.models.qwen2_5_vl import UnsupportedConfigError, check_supported
 
@@ -228,14 +251,11 @@ def export_hf(ckpt: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, hf
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionRefused(f"{out} exists and is not empty (use --overwrite)")
 
-    results = _launch(_export_rank, tp * pp, (str(ckpt_dir), tp, pp))
-    shards = {(t, p): sd for t, p, sd in results if sd}
-    hf = megatron_shards_to_hf(shards, cfg)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp.{out.name}.", dir=out.parent))
     try:
-        _write_safetensors(hf, tmp)
+        per_rank = _launch(_export_rank, tp * pp, (str(ckpt_dir), tp, pp, str(tmp)))
+        _assemble_safetensors(tmp, per_rank, cfg)
         cfg.save_pretrained(tmp)
         for item in sorted(source.iterdir()):
             if item.is_file() and item.name not in _WEIGHT_OR_CONFIG and item.suffix != ".safetensors":
