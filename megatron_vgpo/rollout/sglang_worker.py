@@ -57,11 +57,15 @@ def flatten_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Te
 
 
 def unflatten_bucket(flat: torch.Tensor, metadata: Sequence[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:
-    """Views into ``flat`` rebuilt from :func:`flatten_bucket` metadata (no copy)."""
+    """Tensors rebuilt from :func:`flatten_bucket` metadata: views into ``flat`` (no copy), except for a
+    tensor whose byte offset is not a multiple of its element size (mixed dtypes), which is copied."""
     out = []
     for m in metadata:
-        view = flat[m["start"] : m["end"]].view(getattr(torch, m["dtype"])).reshape(m["shape"])
-        out.append((m["name"], view))
+        dtype = getattr(torch, m["dtype"])
+        raw = flat[m["start"] : m["end"]]
+        if m["start"] % dtype.itemsize:
+            raw = raw.clone()
+        out.append((m["name"], raw.view(dtype).reshape(m["shape"])))
     return out
 
 
