@@ -4,6 +4,8 @@
 * ``losses``: PPO clip-higher / dual-clip policy loss, KL and entropy terms, global token-mean aggregation.
 * ``dynamic_sampling``: DAPO group filtering, over-sampling bookkeeping, soft overlong punishment.
 * ``vgpo``: VGPO visual focus score, token and trajectory factors, advantage re-weighting.
+* ``vgpo_diagnostics``: the spec 7.2 training metrics, merged exactly over CPU row blocks.
+* ``focus``: raw token/image-prototype cosines from final-norm hidden states (input of ``vgpo``).
 """
 
 from megatron_vgpo.algo.advantages import compute_outcome_advantages, register_advantage_estimator
