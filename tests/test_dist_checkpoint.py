@@ -305,3 +305,75 @@ def test_cross_layout_reload_crash_safety_and_refusal(tmp_path):
     assert meta["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "cp": 1, "dp": 1}
     assert meta["contents"] == ["model", "rank_state"] and meta["format_version"] == 1
     assert meta["hf_config"]["text_config"]["hidden_size"] == 64
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-process checks (no launch): config comparison and checkpoint path resolution
+# ------------------------------------------------------------------------------------------------
+
+
+def test_config_mismatch_names_every_field_with_both_values():
+    from megatron_vgpo.checkpoint.config_check import (
+        ConfigMismatchError,
+        check_hf_configs_match,
+        hf_architecture_fields,
+    )
+    from megatron_vgpo.models.known_configs import known_config_dict, load_hf_config
+
+    flat = known_config_dict("qwen2.5-vl-7b")
+    obj = load_hf_config("qwen2.5-vl-7b")
+    nested = obj.to_dict()
+    # The same model in three representations: on-disk flat dict, config object, transformers-5 nested dict.
+    assert hf_architecture_fields(flat) == hf_architecture_fields(obj) == hf_architecture_fields(nested)
+    check_hf_configs_match(flat, nested)
+    with pytest.raises(ConfigMismatchError) as info:
+        check_hf_configs_match(obj, load_hf_config("qwen2.5-vl-32b"), expected_name="7b", actual_name="32b")
+    diffs = info.value.diffs
+    assert diffs["text.hidden_size"] == (3584, 5120) and diffs["vision.out_hidden_size"] == (3584, 5120)
+    assert diffs["text.num_hidden_layers"] == (28, 64) and diffs["text.num_key_value_heads"] == (4, 8)
+    assert "vision.depth" not in diffs and "text.vocab_size" not in diffs  # equal fields are not listed
+    assert "text.hidden_size: 7b=3584 vs 32b=5120" in str(info.value)
+    assert str(info.value).count("\n") == len(diffs)
+
+
+def test_known_configs_are_the_published_shapes():
+    from megatron_vgpo.checkpoint.config_check import hf_architecture_fields
+    from megatron_vgpo.models.known_configs import KNOWN_MODELS, load_hf_config
+
+    rows = {n: hf_architecture_fields(load_hf_config(n)) for n in KNOWN_MODELS}
+    shapes = {n: (f["text.hidden_size"], f["text.num_hidden_layers"], f["text.num_attention_heads"],
+                  f["text.num_key_value_heads"], f["text.intermediate_size"], f["text.vocab_size"],
+                  f["tie_word_embeddings"]) for n, f in rows.items()}
+    assert shapes == {
+        "qwen2.5-vl-3b": (2048, 36, 16, 2, 11008, 151936, True),
+        "qwen2.5-vl-7b": (3584, 28, 28, 4, 18944, 152064, False),
+        "qwen2.5-vl-32b": (5120, 64, 40, 8, 27648, 152064, False),
+    }
+    for f in rows.values():
+        assert (f["vision.depth"], f["vision.hidden_size"], f["vision.intermediate_size"], f["vision.num_heads"],
+                f["vision.window_size"], f["vision.fullatt_block_indexes"]) == (32, 1280, 3420, 16, 112,
+                                                                                 [7, 15, 23, 31])
+        assert f["vision.out_hidden_size"] == f["text.hidden_size"]
+        assert (f["text.rope_theta"], f["text.mrope_section"], f["text.rms_norm_eps"]) == (1e6, [16, 24, 24], 1e-6)
+        assert (f["image_token_id"], f["vision_start_token_id"]) == (151655, 151652)
+
+
+def test_checkpoint_paths_refuse_incomplete_checkpoints(tmp_path):
+    from megatron_vgpo.checkpoint import dist_checkpoint as dc
+
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    with pytest.raises(dc.CheckpointError, match="neither a checkpoint"):
+        dc.resolve_checkpoint(root)
+    (root / ".tmp.iter_0000003" / "dist").mkdir(parents=True)  # an interrupted save
+    (root / "latest").write_text("iter_0000003\n")
+    with pytest.raises(dc.CheckpointError, match="not a complete checkpoint"):
+        dc.resolve_checkpoint(root)
+    done = root / "iter_0000002"
+    done.mkdir()
+    (done / dc.META_FILE).write_text(json.dumps({"format_version": 99}))
+    (root / "latest").write_text("iter_0000002\n")
+    assert dc.resolve_checkpoint(root) == done
+    with pytest.raises(dc.CheckpointError, match="format_version 99"):
+        dc.read_metadata(root)
+    assert dc.checkpoint_name(12) == "iter_0000012"

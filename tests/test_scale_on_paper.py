@@ -48,6 +48,7 @@ def _body(rank: int, world_size: int, layouts: list[tuple[str, int, int]]) -> di
         out[(name, tp, pp)] = {
             "ranks": [(r.tp_rank, r.pp_rank) for r in ranks],
             "mapping_problems": [p for r in ranks for p in r.mapping_problems],
+            "config_problems": [r.config_problem for r in ranks if r.config_problem],
             "mapped_tensors": [r.mapped_tensors for r in ranks],
             "built_vs_plan": [(r.params, r.replicated, plan.stages[r.pp_rank].params,
                                plan.stages[r.pp_rank].replicated) for r in ranks],
@@ -86,7 +87,7 @@ def test_every_rank_maps_and_counts(report, layout):
     _, tp, pp = layout
     r = report[layout]
     assert sorted(r["ranks"]) == [(t, p) for t in range(tp) for p in range(pp)]
-    assert r["mapping_problems"] == []
+    assert r["mapping_problems"] == [] and r["config_problems"] == []
     assert all(n > 0 for n in r["mapped_tensors"])
     for built, built_repl, planned, planned_repl in r["built_vs_plan"]:
         assert (built, built_repl) == (planned, planned_repl)

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"meta device: {len(ranks)} rank models built; HF model on meta: {hf_meta:,} parameters; "
           f"plan reconciles to {unique:,}")
     mapping = [f"tp_rank {r.tp_rank} pp_rank {r.pp_rank}: {m}" for r in ranks for m in r.mapping_problems]
+    mapping += [r.config_problem for r in ranks if r.config_problem]
     print(f"HF -> Megatron mapping: {sum(r.mapped_tensors for r in ranks):,} tensors mapped over the ranks, "
           f"{len(mapping)} problem(s)")
     for line in mapping[:20]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from megatron_vgpo.checkpoint.config_check import as_hf_config
+from megatron_vgpo.checkpoint.config_check import ConfigMismatchError, as_hf_config, check_model_matches_hf
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ class RankModel:
     shapes: dict[str, tuple[int, ...]]
     mapped_tensors: int = 0
     mapping_problems: list[str] = field(default_factory=list)
+    config_problem: str = ""
 
 
 @contextlib.contextmanager
@@ -384,7 +385,8 @@ def meta_rank_models(hf_config: Any, tp: int, pp: int, *, check_mapping: bool = 
     """Build every (tp_rank, pp_rank) model of a TP x PP layout on the meta device, one at a time.
 
     With ``check_mapping`` the HF model is also built on the meta device and its state dict mapped to each
-    rank (:func:`mapping_problems`); the result lands in ``RankModel.mapping_problems``.
+    rank (:func:`mapping_problems`); the result lands in ``RankModel.mapping_problems``. Each rank model is
+    also passed through :func:`check_model_matches_hf` (``RankModel.config_problem``, empty when it passes).
     """
     hf_state = hf_model_on_meta(hf_config).state_dict() if check_mapping else None
     out = []
@@ -392,6 +394,10 @@ def meta_rank_models(hf_config: Any, tp: int, pp: int, *, check_mapping: bool = 
         with simulated_rank(tp, pp, rank):
             model = build_rank_on_meta(hf_config)
             info = describe_rank_model(model)
+            try:  # the built model must pass the same config check as every checkpoint save / load
+                check_model_matches_hf(model, hf_config, context=f"rank (tp {info.tp_rank}, pp {info.pp_rank})")
+            except ConfigMismatchError as e:
+                info.config_problem = str(e)
             if hf_state is not None:
                 info.mapped_tensors, info.mapping_problems = mapping_problems(model, hf_state, hf_config)
             out.append(info)
