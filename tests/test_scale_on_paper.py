@@ -25,6 +25,7 @@ LAYOUTS = [
     ("qwen2.5-vl-32b", 8, 2),
     ("qwen2.5-vl-32b", 4, 4),
     ("qwen2.5-vl-3b", 2, 2),  # tied embeddings: the last stage holds a copy
+    ("qwen2.5-vl-3b+odd-vocab", 2, 2),  # vocabulary 151937: Megatron pads one row per vocab matrix
 ]
 
 
@@ -38,7 +39,9 @@ def _body(rank: int, world_size: int, layouts: list[tuple[str, int, int]]) -> di
     dist.destroy_process_group()  # the simulated ranks need a process without a real group
     out: dict = {}
     for name, tp, pp in layouts:
-        cfg = load_hf_config(name)
+        cfg = load_hf_config(name.split("+")[0])
+        if name.endswith("+odd-vocab"):
+            cfg.text_config.vocab_size += 1
         ranks = mp.meta_rank_models(cfg, tp, pp)
         plan = mp.plan_layout(cfg, tp, pp, dp=1)
         text = cfg.text_config
@@ -56,7 +59,10 @@ def _body(rank: int, world_size: int, layouts: list[tuple[str, int, int]]) -> di
             "replicated_extra": sum((tp - 1) * n for n in stage_replicated.values()),
             "padding": (plan.megatron_vocab_size - text.vocab_size) * text.hidden_size
             * (1 if cfg.tie_word_embeddings else 2),
-            "tied_copy": text.vocab_size * text.hidden_size if (cfg.tie_word_embeddings and pp > 1) else 0,
+            # under tying with PP > 1 the last stage holds a full (padded) copy of the embedding
+            "tied_copy": plan.megatron_vocab_size * text.hidden_size if (cfg.tie_word_embeddings and pp > 1)
+            else 0,
+            "megatron_vocab": plan.megatron_vocab_size,
             "hf_meta": mp.hf_param_count_meta(cfg),
             "hf_arith": mp.hf_param_count_arithmetic(cfg),
             "embed_rows_times_tp": {n * tp for n in embed_rows},
@@ -91,8 +97,14 @@ def test_every_rank_maps_and_counts(report, layout):
     assert all(n > 0 for n in r["mapped_tensors"])
     for built, built_repl, planned, planned_repl in r["built_vs_plan"]:
         assert (built, built_repl) == (planned, planned_repl)
-    # No padding is needed for the released vocabularies at these TP sizes; then the reconciliation.
-    assert r["embed_rows_times_tp"] == {r["vocab"]} and r["padding"] == 0
+    # No padding is needed for the released vocabularies at these TP sizes; an odd vocabulary is padded
+    # to a multiple of TP (and no further). Then the reconciliation with the HF count.
+    assert r["embed_rows_times_tp"] == {r["megatron_vocab"]}
+    if layout[0].endswith("odd-vocab"):
+        # one padded row of hidden 2048 in the one (tied) vocabulary matrix
+        assert r["megatron_vocab"] == r["vocab"] + 1 == 151938 and r["padding"] == 1 * 2048
+    else:
+        assert r["megatron_vocab"] == r["vocab"] and r["padding"] == 0
     assert r["sum_params"] - r["replicated_extra"] - r["padding"] - r["tied_copy"] == r["hf_meta"]
     assert r["hf_arith"] == r["hf_meta"]
 
