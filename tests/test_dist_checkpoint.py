@@ -238,7 +238,28 @@ def _body(rank: int, world_size: int, root: str) -> dict:
         report[f"resume_{tag}_moved"] = any(not torch.equal(p, _expected_params(model2, layers, 3)[n])
                                             for n, p in model2.named_parameters())
         report[f"resume_{tag}_extra"] = loaded.extra_state
+    # Distributed-optimizer state cannot change TP/PP: refused before anything is read.
+    model3 = _build_gpt(hf, tp=1, pp=1)
+    try:
+        dc.load_checkpoint(Path(root) / "opt_distopt", model3, optimizer=_tp1_distributed_optimizer())
+        report["distopt_relayout"] = ""
+    except dc.CheckpointError as e:
+        report["distopt_relayout"] = str(e)
     return report
+
+
+def _tp1_distributed_optimizer():
+    """A Megatron distributed optimizer at TP1 x PP1 (to ask for a load at another layout than saved)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_vgpo.checkpoint.config_check import unwrap_model
+
+    model = _build_gpt(TINY_HF, tp=1, pp=1)
+    ddp = DistributedDataParallel(config=unwrap_model(model).config, module=model,
+                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
+    return get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True,
+                                                  params_dtype=torch.float32), [ddp])
 
 
 def _model_with_optimizer(hf: dict, dist_opt: bool, salt: int):
@@ -299,6 +320,7 @@ def test_cross_layout_reload_crash_safety_and_refusal(tmp_path):
         for tag in ("plain", "distopt"):
             assert r[f"resume_{tag}"] == [], (tag, r[f"resume_{tag}"])
             assert r[f"resume_{tag}_moved"] and r[f"resume_{tag}_extra"] == {"step": 1}
+        assert "saved at TP2 x PP1 and cannot load at TP1 x PP1" in r["distopt_relayout"], r["distopt_relayout"]
     assert reports[0]["crash2_raised"]
     assert {r["layout"] for r in reports} == {(0, 0), (1, 0), (0, 1), (1, 1)}
     meta = json.loads((root / "iter_0000002" / "vgpo_checkpoint.json").read_text())

@@ -84,6 +84,7 @@ class CheckpointMetadata:
     layout: dict[str, int]
     contents: list[str]
     hf_source_dir: str | None = None
+    optimizer_format: str | None = None
     params_dtype: str | None = None
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
@@ -247,6 +248,13 @@ def _is_distributed_optimizer(optimizer: Any) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     return any(isinstance(o, DistributedOptimizer) for o in _inner_optimizers(optimizer))
+
+
+def _optimizer_format(optimizer: Any) -> str | None:
+    """``"dp_reshardable"`` (distributed optimizer: same TP/PP needed to load), ``"reshardable"``, or None."""
+    if optimizer is None:
+        return None
+    return "dp_reshardable" if _is_distributed_optimizer(optimizer) else "reshardable"
 
 
 def _optimizer_metadata(optimizer: Any) -> dict[str, Any] | None:
@@ -427,6 +435,7 @@ def save_checkpoint(
         layout=_layout(),
         contents=contents,
         hf_source_dir=str(Path(hf_source_dir).resolve()) if hf_source_dir is not None else None,
+        optimizer_format=_optimizer_format(optimizer),
         params_dtype=str(next(module.parameters()).dtype).replace("torch.", ""),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
@@ -515,8 +524,19 @@ def load_checkpoint(
     def precheck() -> tuple[Path, CheckpointMetadata]:
         ckpt = resolve_checkpoint(path)
         meta = check_checkpoint_compatible(ckpt, module, hf_config=hf_config)
-        if optimizer is not None and load_optimizer and "optimizer" not in meta.contents:
-            raise CheckpointError(f"{ckpt}: holds no optimizer state (contents: {meta.contents})")
+        if optimizer is not None and load_optimizer:
+            if "optimizer" not in meta.contents:
+                raise CheckpointError(f"{ckpt}: holds no optimizer state (contents: {meta.contents})")
+            now = _layout()
+            if meta.optimizer_format == "dp_reshardable" and (meta.layout["tp"], meta.layout["pp"]) != (
+                    now["tp"], now["pp"]):
+                raise CheckpointError(
+                    f"{ckpt}: distributed-optimizer state was saved at TP{meta.layout['tp']} x "
+                    f"PP{meta.layout['pp']} and cannot load at TP{now['tp']} x PP{now['pp']} "
+                    "(load the model only with load_optimizer=False, or use the saved TP/PP)")
+            if _optimizer_format(optimizer) != meta.optimizer_format:
+                raise CheckpointError(f"{ckpt}: optimizer state format {meta.optimizer_format!r} does not "
+                                      f"match this optimizer ({_optimizer_format(optimizer)!r})")
         return ckpt, meta
 
     ckpt, meta = _agree(precheck)
