@@ -2,8 +2,10 @@
 
 The job today (foundation milestone): prepare the model folder and the data (building the tiny model and
 generating synthetic data when the config asks for them), load both through the real components (the
-parquet dataset with bad-row accounting, the processor, a rollout engine, the reward grader), measure
-greedy validation accuracy, log it, and write ``RUN_DIR/summary.json``. The RL loop (actor, rollouts,
+parquet dataset with bad-row accounting, the processor, a rollout engine, the reward grader), check that
+the Megatron-Core model at the configured TP/SP/PP layout (its ranks launched here) reproduces
+transformers' logits and final-norm hidden states, measure greedy validation accuracy, log it, and write
+``RUN_DIR/summary.json``. The RL loop (actor, rollouts,
 updates) replaces the middle part as it lands; the contract of ``summary.json`` stays.
 """
 
@@ -48,11 +50,6 @@ def run(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.parallel.tp * cfg.parallel.pp > 1:
-        raise NotImplementedError(
-            f"parallel.tp={cfg.parallel.tp} parallel.pp={cfg.parallel.pp}: the multi-rank actor is not part "
-            "of this release yet; use tp=1 pp=1"
-        )
     torch.manual_seed(cfg.seed)
 
     hf_dir = prepare_model(cfg.model, run_dir)
@@ -68,6 +65,8 @@ def run(cfg: TrainConfig) -> dict:
     for split, ds in datasets.items():
         logger.info("%s: %d usable prompts of %d rows (skipped: %s)", split, len(ds), ds.num_rows_read,
                     dict(ds.skipped) or "none")
+
+    parity = megatron_parity_check(hf_dir, cfg)
 
     val = datasets["val"]
     val_samples = [val[i] for i in range(min(cfg.validation.num_samples, len(val)))]
@@ -96,10 +95,46 @@ def run(cfg: TrainConfig) -> dict:
         "val_prompts": len(val),
         "skipped_rows": {split: dict(ds.skipped) for split, ds in datasets.items()},
         "val_boxed_fraction": result.boxed_fraction,
+        "megatron_parity": parity,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("wrote %s", run_dir / "summary.json")
     return summary
+
+
+PARITY_TOLERANCE = 1e-4  # fp32 max abs diff of logits and final-norm hidden states
+
+
+def megatron_parity_check(hf_dir: Path, cfg: TrainConfig) -> dict:
+    """Launch ``tp * pp`` ranks that load ``hf_dir`` into the Megatron model at the configured layout and
+    compare its logits and final-norm hidden states with transformers' on a batch with images.
+
+    Returns the layout's max abs diffs; raises ``RuntimeError`` above :data:`PARITY_TOLERANCE` (fp32) or
+    when the M-RoPE ids differ. Skipped (``{"skipped": ...}``) for bf16 models, where the tolerance means
+    nothing.
+    """
+    from megatron_vgpo.distributed.multiprocess import run_on_ranks
+    from megatron_vgpo.models.qwen2_5_vl.parity import parity_rank_body
+    from megatron_vgpo.platform import default_backend
+
+    if cfg.model.dtype != "float32":
+        return {"skipped": f"model.dtype={cfg.model.dtype}"}
+    par = cfg.parallel
+    started = time.monotonic()
+    results = run_on_ranks(parity_rank_body, par.tp * par.pp, args=(str(hf_dir), [(par.tp, par.pp, par.sp)]),
+                           backend=default_backend(), megatron=True, env={"OMP_NUM_THREADS": "1"})
+    (name,) = results[0]["layouts"]
+    report = next(r["layouts"][name] for r in results if "logits_max_abs_diff" in r["layouts"][name])
+    rope_ok = all(r["layouts"][name]["rope_ids_equal"] for r in results)
+    out = {"layout": name, "logits_max_abs_diff": report["logits_max_abs_diff"],
+           "final_hidden_max_abs_diff": report["final_hidden_max_abs_diff"], "rope_ids_equal": rope_ok,
+           "seconds": round(time.monotonic() - started, 1)}
+    logger.info("Megatron %s vs transformers: logits %.2e, final-norm hidden %.2e, M-RoPE ids equal: %s (%.1fs)",
+                name, out["logits_max_abs_diff"], out["final_hidden_max_abs_diff"], rope_ok, out["seconds"])
+    worst = max(out["logits_max_abs_diff"], out["final_hidden_max_abs_diff"])
+    if not rope_ok or worst > PARITY_TOLERANCE:
+        raise RuntimeError(f"Megatron model at {name} does not reproduce transformers' outputs: {out}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
