@@ -30,6 +30,9 @@ def test_default_job_runs_and_writes_summary(tmp_path: Path):
     assert 0.0 <= summary["val_accuracy_before"] <= 1.0
     assert summary["train_prompts"] == 36 and summary["val_prompts"] == 4
     assert summary["skipped_rows"] == {"train": {}, "val": {}}
+    parity = summary["megatron_parity"]  # the default layout (TP2 + SP) against transformers
+    assert parity["layout"] == "tp2_pp1_sp" and parity["rope_ids_equal"]
+    assert parity["logits_max_abs_diff"] < 1e-4 and parity["final_hidden_max_abs_diff"] < 1e-4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["val/accuracy"] == summary["val_accuracy_before"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "model/config.json").is_file()
@@ -55,7 +58,7 @@ def test_job_reports_skipped_rows(tmp_path: Path):
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(paths["train"])), broken)
     cfg = load_config(REPO / "examples/tiny_cpu.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.train_files=[{broken}]", f"data.val_files=[{paths['test']}]",
-        "validation.num_samples=2", "validation.max_new_tokens=4"])
+        "validation.num_samples=2", "validation.max_new_tokens=4", "parallel.tp=1", "parallel.sp=false"])
     summary = run(cfg)
     assert summary["train_prompts"] == len(table) - 2
     assert sum(summary["skipped_rows"]["train"].values()) == 2
