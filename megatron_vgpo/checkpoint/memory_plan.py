@@ -312,19 +312,6 @@ def simulated_rank(tp: int, pp: int, rank: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _vision_tower_on_meta() -> Iterator[None]:
-    """The model builder moves its vision tower to the compute device; keep it on meta instead."""
-    import megatron_vgpo.platform as platform
-
-    original = platform.compute_device
-    platform.compute_device = lambda local_rank=0: torch.device("meta")
-    try:
-        yield
-    finally:
-        platform.compute_device = original
-
-
 def build_rank_on_meta(hf_config: Any, params_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     """This (simulated) rank's ``Qwen2_5_VLModel`` on the meta device, uninitialized (no memory used)."""
     from megatron.core import parallel_state as ps
@@ -336,7 +323,7 @@ def build_rank_on_meta(hf_config: Any, params_dtype: torch.dtype = torch.bfloat1
     # Allocate under the meta-device context, not on a GPU. Initialization stays on: on meta tensors it
     # does no work, and it is what tags TP-sharded weights with ``tensor_model_parallel``.
     config.use_cpu_initialization = True
-    with torch.device("meta"), _vision_tower_on_meta():
+    with torch.device("meta"):
         return Qwen2_5_VLModel(cfg, config, pre_process=ps.is_pipeline_first_stage(),
                                post_process=ps.is_pipeline_last_stage())
 

@@ -242,7 +242,8 @@ class Qwen2_5_VLModel(MegatronModule):  # noqa: N801 (the model's name, as in tr
 
 
 def _build_vision_tower(hf_config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' Qwen2.5-VL vision tower for ``hf_config.vision_config`` on this rank's device."""
+    """transformers' Qwen2.5-VL vision tower for ``hf_config.vision_config`` on this rank's device (left on
+    the meta device when built under ``torch.device("meta")``, e.g. by the memory planner)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from megatron_vgpo.platform import compute_device
@@ -250,6 +251,8 @@ def _build_vision_tower(hf_config: Any, dtype: torch.dtype) -> torch.nn.Module:
     vision_cfg = hf_config.vision_config
     attn = getattr(hf_config, "_attn_implementation", None) or "sdpa"
     tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_cfg, attn_implementation=attn, dtype=dtype)
+    if any(p.is_meta for p in tower.parameters()):
+        return tower
     device = compute_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return tower.to(device=device, dtype=dtype)
 
