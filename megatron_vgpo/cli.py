@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(rest)
     if command == "plan-memory":
-        from megatron_vgpo.checkpoint.memory_plan import main as plan_main
+        from megatron_vgpo.checkpoint.plan_memory_cli import main as plan_main
 
         return plan_main(rest)
     parser.parse_args([command])  # prints the usage error for an unknown command

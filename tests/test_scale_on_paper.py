@@ -131,7 +131,12 @@ def _load_tool(name: str):
 
 
 def test_plan_memory_cli(capsys):
-    main = _load_tool("plan_memory").main
+    from megatron_vgpo.cli import main as cli_main
+
+    def main(argv: list[str]) -> int:  # ``megatron-vgpo plan-memory ...``, same as tools/plan_memory.py
+        return cli_main(["plan-memory", *argv])
+
+    assert _load_tool("plan_memory").main is not None
 
     assert main(["--model", "qwen2.5-vl-32b", "--tp", "8", "--pp", "2", "--dp", "4",
                  "--micro-batch-tokens", "8192"]) == 0
