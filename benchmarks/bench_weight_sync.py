@@ -109,6 +109,16 @@ def run_model(
     start = time.perf_counter()
     with SGLangEngine(model_dir, engine_kwargs=engine_kwargs) as engine:
         logger.info("%s: engine up in %.1f s", label, time.perf_counter() - start)
+        flush_s = []
+        for _ in range(5):
+            tick = time.perf_counter()
+            engine.flush_cache()
+            flush_s.append(time.perf_counter() - tick)
+        logger.info(
+            "%s: one control round trip (flush_cache) takes %.1f ms (median of 5)",
+            label,
+            1000 * statistics.median(flush_s),
+        )
         for transport in args.transports:
             for bucket_mb in args.buckets_mb:
                 row = measure(engine, make_weights, transport, int(bucket_mb * 2**20), args.repeats)
@@ -183,7 +193,8 @@ def main() -> None:
             for preset in args.models:
                 folder = build_tiny_checkpoint(Path(tmp) / preset, preset=preset)
                 weights = sorted(load_file(folder / "model.safetensors").items())
-                kwargs = {"dtype": "float32", "log_level": "error", **extra}
+                # mem_fraction_static above the CPU default: the memory profile sees other jobs' allocations
+                kwargs = {"dtype": "float32", "log_level": "error", "mem_fraction_static": 0.3, **extra}
                 rows += run_model(preset, folder, lambda w=weights: iter(w), args, kwargs)
     table = print_table(rows)
     if args.json:

@@ -25,7 +25,10 @@ pytestmark = pytest.mark.slow
 
 IMAGE_TOL = 2e-3  # SGLang's vision code vs transformers' (DESIGN.md)
 TEXT_TOL = 1e-4
-ENGINE_KWARGS = {"dtype": "float32", "random_seed": 0, "log_level": "error"}
+# mem_fraction_static: SGLang's CPU memory profile counts other processes' allocations on this shared
+# machine; at the platform default 0.05 a concurrent job can make it refuse to start ("no memory for the
+# KV cache"). The KV pool stays capped by max_total_tokens, so a higher fraction costs nothing.
+ENGINE_KWARGS = {"dtype": "float32", "random_seed": 0, "log_level": "error", "mem_fraction_static": 0.3}
 
 
 def _image(color: str) -> Image.Image:
@@ -190,3 +193,15 @@ def test_http_server_generate_and_sync(tiny_hf_dir: Path, hf_base: HFRolloutEngi
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_engine_start_failure_reports_the_worker_error(tmp_path: Path) -> None:
+    """A folder without a model: the error names the worker's failure instead of hanging."""
+    from megatron_vgpo.rollout.sglang_backend import SGLangEngine
+
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(Exception, match=r"(?s)SGLang worker.*(start|exited)") as info:
+        SGLangEngine(empty, engine_kwargs=ENGINE_KWARGS, start_timeout_s=300)
+    assert len(str(info.value)) > 100  # carries the worker's traceback or log tail

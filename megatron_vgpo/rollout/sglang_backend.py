@@ -112,6 +112,28 @@ def parse_prompt_logprobs(result: dict[str, Any], response_len: int) -> torch.Te
     return torch.tensor([float(lp) for lp, *_ in tail], dtype=torch.float32)
 
 
+def _run_in_thread(function: Any, *args: Any) -> Waiter:
+    """Start ``function(*args)`` in a daemon thread; the waiter joins it and returns or re-raises."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    return wait
+
+
 class _WorkerConnection:
     """The parent's end of the worker protocol (see :mod:`.sglang_worker`)."""
 
@@ -243,10 +265,14 @@ class SGLangEngine(RolloutEngine):
         logger.info("SGLang engine for %s ready in %.1f s", self._model_path, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ channel
-    def _start(self, command: str, payload: dict[str, Any]) -> Waiter:
+    def _start(self, command: str, payload: dict[str, Any], *, background: bool = False) -> Waiter:
+        """Send a command; the returned waiter gives its result. ``background``: the call blocks in a
+        collective this process must join afterwards (in-process hosting then runs it in a thread)."""
         if self._host is not None:
-            result = self._host.handle(command, payload)
-            return lambda: result
+            if not background:
+                result = self._host.handle(command, payload)
+                return lambda: result
+            return _run_in_thread(self._host.handle, command, payload)
         if self._worker is None:
             raise RuntimeError("the SGLang engine was shut down")
         self._worker.send(command, payload)
@@ -355,11 +381,11 @@ class SGLangEngine(RolloutEngine):
         return int(self.engine_kwargs.get("tp_size", 1)) * int(self.engine_kwargs.get("dp_size", 1))
 
     def start_init_weights_update_group(self, **kwargs: Any) -> Waiter:
-        return self._start("call", {"method": "init_weights_update_group", "kwargs": kwargs})
+        return self._start("call", {"method": "init_weights_update_group", "kwargs": kwargs}, background=True)
 
     def start_update_weights_from_distributed(self, **kwargs: Any) -> Waiter:
         kwargs = {**kwargs, "flush_cache": False}
-        return self._start("call", {"method": "update_weights_from_distributed", "kwargs": kwargs})
+        return self._start("call", {"method": "update_weights_from_distributed", "kwargs": kwargs}, background=True)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         self._engine_call("destroy_weights_update_group", group_name=group_name)
