@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint
+.PHONY: setup run test pytest lint
 
 setup:
 	bash scripts/setup_env.sh
@@ -11,7 +11,8 @@ run: setup
 	$(VENV)/bin/megatron-vgpo train examples/tiny_cpu.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/ruff check megatron_vgpo tools tests benchmarks
 
 lint: setup
-	$(VENV)/bin/ruff check megatron_vgpo tools tests benchmarks cluster
+	$(VENV)/bin/ruff check megatron_vgpo tools tests benchmarks
