@@ -68,13 +68,13 @@ def model_shape_folder(name: str, out_dir: Path) -> Path:
     """A folder an engine can load with ``load_format="dummy"``: the published config of ``name`` plus
     the real Qwen tokenizer / processor / chat template of a generated checkpoint (no weights)."""
     from megatron_vgpo.models.known_configs import known_config_dict
-    from megatron_vgpo.models.tiny_qwen2_5_vl import build_tiny_checkpoint
+    from megatron_vgpo.models.tiny_qwen2_5_vl import BUILD_INFO_FILE, build_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         source = build_tiny_checkpoint(Path(tmp) / "tok", preset="tiny", tokenizer="qwen")
         out_dir.mkdir(parents=True, exist_ok=True)
         for item in source.iterdir():
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name != "config.json":
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json", BUILD_INFO_FILE):
                 shutil.copy2(item, out_dir / item.name)
     (out_dir / "config.json").write_text(json.dumps(known_config_dict(name), indent=1))
     return out_dir
@@ -158,7 +158,10 @@ def main() -> None:
     extra = {}
     for item in args.engine_arg:
         key, _, value = item.partition("=")
-        extra[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("", "-") else value
+        try:
+            extra[key] = json.loads(value)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            extra[key] = value
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_weight_sync_") as tmp:
