@@ -34,6 +34,6 @@ echo "[setup] 3/4 runtime dependencies (one resolve)"
 "${PIP[@]}" -r requirements/torch.txt -r requirements/runtime.txt
 echo "[setup] 4/4 megatron_vgpo (editable)"
 "${PIP[@]}" --no-deps -e . --config-settings editable_mode=compat
-"$VENV/bin/python" -c "import torch, torchvision, transformers, megatron.core; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| megatron-core', megatron.core.__version__)"
+"$VENV/bin/python" -W ignore -c "import torch, torchvision, transformers, megatron.core; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| megatron-core', megatron.core.__version__)"
 echo "$want" > "$STAMP_FILE"
 echo "[setup] done in $(( $(date +%s) - t0 ))s"
