@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,15 +28,73 @@ logger = logging.getLogger("megatron_vgpo.train")
 
 
 def _setup_logging(level: str, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr),
-                                       logging.FileHandler(run_dir / "train.log")]
-    logging.basicConfig(level=getattr(logging, level), handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Rank 0 logs at ``level`` to stderr and ``RUN_DIR/train.log``; other ranks log warnings to stderr."""
+    rank = int(os.environ.get("RANK", "0"))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    prefix = "%(asctime)s" if rank == 0 else f"[rank {rank}]"
+    fmt = f"{prefix} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level) if rank == 0 else logging.WARNING, handlers=handlers,
+                        force=True, format=fmt, datefmt="%H:%M:%S")
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Run the job described by ``cfg``; returns the summary (also written to ``RUN_DIR/summary.json``)."""
+def launched_by_torchrun() -> bool:
+    """True inside a multi-process launch (``torchrun``, NeMo-Run's torchrun launcher, Slurm + torchrun)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Run the job described by ``cfg``; rank 0 returns the summary (also written to ``RUN_DIR/summary.json``),
+    other ranks return None.
+
+    Single process: the Megatron check launches its own ``tp * pp`` ranks. Under ``torchrun`` (world size a
+    multiple of ``tp * pp``): rank 0 prepares the model and data while the others wait, every rank takes part
+    in the Megatron check at the configured layout (extra ranks are data-parallel replicas), and rank 0
+    validates and writes the summary.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
+
+    started = time.monotonic()
+    run_dir = Path(cfg.run_dir)
+    distributed = launched_by_torchrun()
+    if distributed:
+        from megatron_vgpo.distributed.process_groups import init_torch_distributed
+
+        init_torch_distributed()
+        world, par = dist.get_world_size(), cfg.parallel
+        if world % (par.tp * par.pp) != 0:
+            raise ValueError(f"world size {world} is not divisible by parallel.tp ({par.tp}) x parallel.pp "
+                             f"({par.pp}); launch a multiple of {par.tp * par.pp} processes")
+    is_main = not distributed or dist.get_rank() == 0
+    torch.manual_seed(cfg.seed)
+
+    prepared: list = [None]
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        prepared = [(prepare_model(cfg.model, run_dir), prepare_data(cfg.data, run_dir))]
+    if distributed:
+        dist.broadcast_object_list(prepared, src=0)
+    hf_dir, (train_files, val_files) = prepared[0]
+
+    parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
+    if not is_main:
+        dist.barrier()  # wait for rank 0's validation, then leave together
+        return None
+    summary = _validate_and_summarize(cfg, hf_dir, train_files, val_files, parity, started)
+    if distributed:
+        dist.barrier()
+    return summary
+
+
+def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files: list[Path],
+                            parity: dict, started: float) -> dict:
+    """Rank 0: load the datasets (bad rows counted), greedy validation accuracy, metrics, ``summary.json``."""
     import torch
     from transformers import AutoProcessor
 
@@ -44,16 +103,8 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_vgpo.rollout.hf_backend import HFRolloutEngine
     from megatron_vgpo.trainer.evaluate import evaluate_greedy
     from megatron_vgpo.trainer.metrics import MetricsLogger
-    from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
 
-    started = time.monotonic()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    torch.manual_seed(cfg.seed)
-
-    hf_dir = prepare_model(cfg.model, run_dir)
-    train_files, val_files = prepare_data(cfg.data, run_dir)
     processor = AutoProcessor.from_pretrained(hf_dir)
     columns = DatasetColumns(prompt=cfg.data.prompt_key, answer=cfg.data.answer_key, images=cfg.data.image_key)
     datasets = {
@@ -65,8 +116,6 @@ def run(cfg: TrainConfig) -> dict:
     for split, ds in datasets.items():
         logger.info("%s: %d usable prompts of %d rows (skipped: %s)", split, len(ds), ds.num_rows_read,
                     dict(ds.skipped) or "none")
-
-    parity = megatron_parity_check(hf_dir, cfg)
 
     val = datasets["val"]
     val_samples = [val[i] for i in range(min(cfg.validation.num_samples, len(val)))]
@@ -105,9 +154,10 @@ def run(cfg: TrainConfig) -> dict:
 PARITY_TOLERANCE = 1e-4  # fp32 max abs diff of logits and final-norm hidden states
 
 
-def megatron_parity_check(hf_dir: Path, cfg: TrainConfig) -> dict:
-    """Launch ``tp * pp`` ranks that load ``hf_dir`` into the Megatron model at the configured layout and
-    compare its logits and final-norm hidden states with transformers' on a batch with images.
+def megatron_parity_check(hf_dir: Path, cfg: TrainConfig, *, in_process: bool = False) -> dict:
+    """Load ``hf_dir`` into the Megatron model at the configured layout on ``tp * pp`` ranks (launched here,
+    or, with ``in_process``, the ranks of the current torchrun world) and compare its logits and final-norm
+    hidden states with transformers' on a batch with images.
 
     Returns the layout's max abs diffs; raises ``RuntimeError`` above :data:`PARITY_TOLERANCE` (fp32) or
     when the M-RoPE ids differ. Skipped (``{"skipped": ...}``) for bf16 models, where the tolerance means
@@ -121,8 +171,21 @@ def megatron_parity_check(hf_dir: Path, cfg: TrainConfig) -> dict:
         return {"skipped": f"model.dtype={cfg.model.dtype}"}
     par = cfg.parallel
     started = time.monotonic()
-    results = run_on_ranks(parity_rank_body, par.tp * par.pp, args=(str(hf_dir), [(par.tp, par.pp, par.sp)]),
-                           backend=default_backend(), megatron=True, env={"OMP_NUM_THREADS": "1"})
+    layouts = [(par.tp, par.pp, par.sp)]
+    if in_process:
+        import torch.distributed as dist
+
+        from megatron_vgpo.distributed.process_groups import destroy_model_parallel
+        from megatron_vgpo.platform import apply_cpu_patches
+
+        apply_cpu_patches()
+        mine = parity_rank_body(dist.get_rank(), dist.get_world_size(), str(hf_dir), layouts)
+        destroy_model_parallel()
+        results: list = [None] * dist.get_world_size()
+        dist.all_gather_object(results, mine)
+    else:
+        results = run_on_ranks(parity_rank_body, par.tp * par.pp, args=(str(hf_dir), layouts),
+                               backend=default_backend(), megatron=True, env={"OMP_NUM_THREADS": "1"})
     (name,) = results[0]["layouts"]
     report = next(r["layouts"][name] for r in results if "logits_max_abs_diff" in r["layouts"][name])
     rope_ok = all(r["layouts"][name]["rope_ids_equal"] for r in results)
@@ -146,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     _setup_logging(cfg.logging.level, Path(cfg.run_dir))
     summary = run(cfg)
-    print(json.dumps(summary, indent=2))
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

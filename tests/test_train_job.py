@@ -43,6 +43,28 @@ def test_default_job_runs_and_writes_summary(tmp_path: Path):
     assert bad.returncode != 0 and "unknown key validation.num_sample" in bad.stderr
 
 
+def test_job_under_torchrun_two_ranks(tmp_path: Path):
+    """``torchrun --nproc-per-node 2``: rank 0 prepares, both ranks run the TP2 check, rank 0 summarizes."""
+    run_dir = tmp_path / "run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m",
+               "megatron_vgpo.train", str(REPO / "examples/tiny_cpu.yaml"), f"run_dir={run_dir}",
+               "data.synthetic.num=20", "validation.num_samples=2", "validation.max_new_tokens=3"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["megatron_parity"]["layout"] == "tp2_pp1_sp"
+    assert summary["megatron_parity"]["logits_max_abs_diff"] < 1e-4
+    assert summary["val_prompts"] == 2 and summary["train_prompts"] == 18
+
+
+def _free_port() -> int:
+    from megatron_vgpo.distributed.multiprocess import find_free_port
+
+    return find_free_port()
+
+
 def test_job_reports_skipped_rows(tmp_path: Path):
     from megatron_vgpo.config import load_config
     from megatron_vgpo.data.synthetic import make_synthetic_splits

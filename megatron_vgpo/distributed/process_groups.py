@@ -117,11 +117,16 @@ def current_layout() -> ParallelLayout:
     )
 
 
-def destroy() -> None:
-    """Tear down Megatron's groups and the default group (safe to call twice)."""
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel groups only; the default group stays (safe to call twice)."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def destroy() -> None:
+    """Tear down Megatron's groups and the default group (safe to call twice)."""
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
