@@ -426,7 +426,12 @@ def compute_vgpo_factors(
         has_image: optional ``[B]`` bool.
     """
     weights = compute_token_weights(rho, response_mask, cfg, has_image)
-    traj = trajectory_factors(weights.trajectory_score, group_ids, cfg, has_image)
+    return combine_factors(weights, trajectory_factors(weights.trajectory_score, group_ids, cfg, has_image), cfg)
+
+
+def combine_factors(weights: TokenWeights, traj: torch.Tensor, cfg: VGPOConfig) -> VGPOFactors:
+    """``VGPOFactors`` from the token stage and the trajectory factors ``traj`` [B] (however they were
+    grouped: locally, or across data-parallel ranks), adding the trajectory-factor diagnostics."""
     diagnostics = dict(weights.diagnostics)
     if cfg.diagnostics and traj.numel():
         diagnostics.update(

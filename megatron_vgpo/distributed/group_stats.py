@@ -22,7 +22,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_vgpo.algo.advantages import compute_outcome_advantages
-from megatron_vgpo.algo.vgpo import VGPOConfig, VGPOFactors, compute_token_weights, trajectory_factors
+from megatron_vgpo.algo.vgpo import (
+    VGPOConfig,
+    VGPOFactors,
+    combine_factors,
+    compute_token_weights,
+    trajectory_factors,
+)
 
 __all__ = [
     "all_gather_rows",
@@ -169,11 +175,4 @@ def dp_vgpo_factors(
     """
     weights = compute_token_weights(rho, response_mask, cfg, has_image)
     traj = dp_trajectory_factors(weights.trajectory_score, group_ids, cfg, group=group, has_image=has_image)
-    diagnostics = dict(weights.diagnostics)
-    if cfg.diagnostics and traj.numel():
-        diagnostics.update(
-            trajectory_weighting_factor_mean=float(traj.mean()),
-            trajectory_weighting_factor_min=float(traj.min()),
-            trajectory_weighting_factor_max=float(traj.max()),
-        )
-    return VGPOFactors(weights.token_factor, traj, weights.trajectory_score, diagnostics)
+    return combine_factors(weights, traj, cfg)
