@@ -167,7 +167,7 @@ def test_weight_sync_transports(
 
 def test_http_server_generate_and_sync(tiny_hf_dir: Path, hf_base: HFRolloutEngine, prompts, tmp_path: Path) -> None:
     from megatron_vgpo.distributed.multiprocess import find_free_port
-    from megatron_vgpo.rollout.sglang_server import SGLangServerEngine, launch_server
+    from megatron_vgpo.rollout.sglang_server import SGLangServerEngine, launch_server, stop_server
 
     port = find_free_port()
     server = launch_server(tiny_hf_dir, port=port, server_kwargs=ENGINE_KWARGS, log_path=tmp_path / "server.log")
@@ -191,17 +191,18 @@ def test_http_server_generate_and_sync(tiny_hf_dir: Path, hf_base: HFRolloutEngi
             with pytest.raises(ValueError, match="colocated"):
                 remote.update_weights(named, transport="tensor")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
 
 
-def test_engine_start_failure_reports_the_worker_error(tmp_path: Path) -> None:
-    """A folder without a model: the error names the worker's failure instead of hanging."""
+def test_engine_start_failure_reports_the_worker_error(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """A model folder without weights: the error carries the worker's failure instead of hanging."""
     from megatron_vgpo.rollout.sglang_backend import SGLangEngine
 
-    empty = tmp_path / "not_a_model"
+    empty = tmp_path / "no_weights"
     empty.mkdir()
-    (empty / "config.json").write_text("{}")
+    for item in tiny_hf_dir.iterdir():
+        if item.suffix != ".safetensors":
+            (empty / item.name).write_bytes(item.read_bytes())
     with pytest.raises(Exception, match=r"(?s)SGLang worker.*(start|exited)") as info:
         SGLangEngine(empty, engine_kwargs=ENGINE_KWARGS, start_timeout_s=300)
     assert len(str(info.value)) > 100  # carries the worker's traceback or log tail

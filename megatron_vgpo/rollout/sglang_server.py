@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -85,13 +87,14 @@ def launch_server(
     """Start an SGLang HTTP server (environment of :func:`engine_env`, vision-embedding cache off: see
     ``STALE_CACHE_SAFE_ENV``) and wait until it answers.
 
-    The caller owns the process (terminate it when done). Raises ``RuntimeError`` with the log tail
+    The caller owns the process: end it with :func:`stop_server`. Raises ``RuntimeError`` with the log tail
     when the server exits before it is ready, ``TimeoutError`` after ``ready_timeout_s``.
     """
     log_file = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (kept by the child)
     command = server_command(model_path, host=host, port=port, server_kwargs=server_kwargs)
     env = {**engine_env(), **STALE_CACHE_SAFE_ENV}
-    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    # own session: stop_server can end the server AND its scheduler/detokenizer children as a group
+    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + ready_timeout_s
     while True:
@@ -104,9 +107,25 @@ def launch_server(
         except http.RequestException:
             pass
         if time.monotonic() > deadline:
-            process.terminate()
+            stop_server(process)
             raise TimeoutError(f"SGLang server at {url} not ready within {ready_timeout_s} s")
         time.sleep(1.0)
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """End a server started by :func:`launch_server` and its children: SIGTERM to its process group,
+    SIGKILL after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("SGLang server %d ignored SIGTERM for %.0f s; killing its group", process.pid, timeout_s)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
 
 
 class SGLangServerEngine(RolloutEngine):
@@ -323,5 +342,5 @@ class SGLangServerEngine(RolloutEngine):
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.close()
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._session.close()

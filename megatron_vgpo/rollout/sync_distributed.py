@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -96,7 +98,8 @@ class DistributedWeightSender:
         backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
         master_address: address the engine ranks can reach this process at.
         master_port: free TCP port for the rendezvous (default: a free one on this host).
-        group_name: name of the group on both sides.
+        group_name: name of the group on both sides; default a name unique to this sender (a process
+            cannot create two groups of the same name, e.g. for two engines).
         timeout_s: collective timeout; a broadcast the engine never joins fails after it (with the
             engine's own error message when it sent one) instead of hanging.
     """
@@ -108,14 +111,14 @@ class DistributedWeightSender:
         backend: str | None = None,
         master_address: str = "127.0.0.1",
         master_port: int | None = None,
-        group_name: str = DEFAULT_GROUP_NAME,
+        group_name: str | None = None,
         timeout_s: float = 600.0,
     ) -> None:
         self.target = target
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.master_address = master_address
         self.master_port = master_port
-        self.group_name = group_name
+        self.group_name = group_name or f"{DEFAULT_GROUP_NAME}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.timeout_s = timeout_s
         self.group: Any = None
 
