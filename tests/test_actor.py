@@ -228,3 +228,76 @@ def test_actor_layouts_match_transformers_and_each_other(tiny_hf_dir: Path):
         assert r["nan_actor_counters"] == (0, 1)
     assert all(torch.equal(weights["tp1_nan"][k], initial[k]) for k in initial)
     print("actor test report:", report)
+
+
+# ------------------------------------------------------------------------------------------------------
+# single-process checks of the batch container and the micro-batch packing
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_rl_batch_select_keeps_images_with_samples(tiny_hf_dir: Path):
+    from megatron_vgpo.trainer.rl_batch import RLBatch, build_rl_batch, shard_for_data_parallel
+
+    batch = make_batch(str(tiny_hf_dir))
+    assert batch.images_per_sample.tolist() == [1, 1, 1, 1, 2, 2, 0, 0]
+    assert batch.attention_mask.sum(1).tolist() == batch.seq_lengths.tolist()
+    for i in range(batch.batch_size):  # prompt then response, right-padded
+        s, n = int(batch.response_start[i]), int(batch.response_length[i])
+        assert torch.equal(batch.input_ids[i, s:s + n], batch.responses[i, :n])
+        assert int(batch.mm_token_type_ids[i, s:].sum()) == 0
+    order = [5, 0, 7, 2]
+    picked = batch.select(order, seq_multiple=4)
+    assert picked.input_ids.shape[1] % 4 == 0 and picked.input_ids.shape[1] >= int(picked.seq_lengths.max())
+    # an independent rebuild from the same prompts/responses gives the same images and tokens
+    patch_offsets = torch.cumsum(batch.patches_per_sample, 0) - batch.patches_per_sample
+    image_offsets = torch.cumsum(batch.images_per_sample, 0) - batch.images_per_sample
+    prompts, responses = [], []
+    for i in order:
+        p0, np_ = int(patch_offsets[i]), int(batch.patches_per_sample[i])
+        i0, ni = int(image_offsets[i]), int(batch.images_per_sample[i])
+        s = int(batch.response_start[i])
+        prompts.append(SimpleNamespace(
+            input_ids=batch.input_ids[i, :s], mm_token_type_ids=batch.mm_token_type_ids[i, :s],
+            pixel_values=batch.pixel_values[p0:p0 + np_] if np_ else None,
+            image_grid_thw=batch.image_grid_thw[i0:i0 + ni] if ni else None))
+        responses.append(batch.responses[i, :int(batch.response_length[i])])
+    rebuilt = build_rl_batch(prompts, responses, pad_token_id=batch.pad_token_id, image_token_id=-1,
+                             uids=batch.uids[order], rewards=batch.rewards[order], response_pad_to=14, seq_multiple=4)
+    for field in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+                  "responses", "response_mask", "uids", "rewards"):
+        assert torch.equal(getattr(picked, field), getattr(rebuilt, field)), field
+    # concat undoes a split
+    joined = RLBatch.concat([batch.select([0, 1, 2]), batch.select([3, 4, 5, 6, 7])])
+    assert torch.equal(joined.pixel_values, batch.pixel_values) and torch.equal(joined.input_ids, batch.input_ids)
+    # DP shards: global mini-batch k is the same set of trajectories at every DP size (response lengths
+    # are distinct here, so they identify the trajectories)
+    for dp in (1, 2, 4):
+        shards = [shard_for_data_parallel(batch, d, dp, mini_batches=2) for d in range(dp)]
+        for k in range(2):
+            got = []
+            for sh in shards:
+                half = sh.batch_size // 2
+                got += sh.response_length[k * half:(k + 1) * half].tolist()
+            assert sorted(got) == sorted(batch.response_length[k * 4:(k + 1) * 4].tolist()), (dp, k)
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_for_data_parallel(batch, 0, 3)
+    with pytest.raises(ValueError, match="prompts but"):
+        build_rl_batch(prompts, responses[:1], pad_token_id=0, image_token_id=1)
+
+
+def test_pack_by_token_budget():
+    from megatron_vgpo.trainer.batching import pack_by_token_budget, padded_tokens
+
+    lengths = [30, 10, 50, 20, 20, 200, 5, 5, 5]
+    groups = pack_by_token_budget(lengths, 100)
+    assert groups == pack_by_token_budget(torch.tensor(lengths), 100)  # deterministic, tensor or list
+    assert [i for g in groups for i in g] == list(range(len(lengths)))  # stable: original order
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 100 or len(g) == 1
+    assert [5] in groups  # the 200-token sequence alone
+    assert groups == [[0, 1], [2, 3], [4], [5], [6, 7, 8]]  # 2 x 50 fits exactly
+    assert padded_tokens(lengths, groups) == 60 + 100 + 20 + 200 + 15
+    assert pack_by_token_budget([7, 7, 7], 16, seq_multiple=4) == [[0, 1], [2]]  # 7 -> 8 per sequence
+    assert pack_by_token_budget([1] * 5, 1000, max_sequences=2) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        pack_by_token_budget(lengths, 0)
