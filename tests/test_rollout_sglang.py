@@ -206,3 +206,61 @@ def test_engine_start_failure_reports_the_worker_error(tiny_hf_dir: Path, tmp_pa
     with pytest.raises(Exception, match=r"(?s)SGLang worker.*(start|exited)") as info:
         SGLangEngine(empty, engine_kwargs=ENGINE_KWARGS, start_timeout_s=300)
     assert len(str(info.value)) > 100  # carries the worker's traceback or log tail
+
+
+IN_PROCESS_SCRIPT = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+
+def main():
+    from megatron_vgpo.rollout.base import RolloutRequest, SamplingParams
+    from megatron_vgpo.rollout.sglang_backend import SGLangEngine
+    model_dir, perturbed_dir, out_path = sys.argv[1:4]
+    named = sorted(load_file(perturbed_dir + "/model.safetensors").items())
+    request = [RolloutRequest("t", prompt_ids=[5, 6, 7, 8, 9])]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=5)
+    result = {}
+    kwargs = {"dtype": "float32", "random_seed": 0, "log_level": "error", "mem_fraction_static": 0.3}
+    with SGLangEngine(model_dir, engine_kwargs=kwargs, in_process=True) as engine:
+        out = engine.generate(request, greedy)[0]
+        result["before"] = [out.response_ids, out.logprobs.tolist()]
+        for transport in ("tensor", "distributed"):
+            stats = engine.update_weights(iter(named), bucket_bytes=300_000, transport=transport)
+            out = engine.generate(request, greedy)[0]
+            result[transport] = [out.response_ids, out.logprobs.tolist(), stats.num_tensors]
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_in_process_hosting(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """The in-process mode (the default with CUDA), run on CPU in an interpreter started with engine_env():
+    tensor and distributed syncs (the latter joins the group from a helper thread) reach the engine."""
+    import json
+    import subprocess
+    import sys
+
+    from megatron_vgpo.platform.sglang_cpu import engine_env
+
+    folder, named = perturbed_checkpoint(tiny_hf_dir, tmp_path / "perturbed", seed=6)
+    script = tmp_path / "in_process.py"
+    script.write_text(IN_PROCESS_SCRIPT)
+    out_path = tmp_path / "out.json"
+    command = [sys.executable, str(script), str(tiny_hf_dir), str(folder), str(out_path)]
+    proc = subprocess.run(command, env=engine_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out_path.read_text())
+    request = [RolloutRequest("t", prompt_ids=[5, 6, 7, 8, 9])]
+    base_ref = HFRolloutEngine(tiny_hf_dir).score(request, [result["before"][0]])[0]
+    assert (torch.tensor(result["before"][1]) - base_ref).abs().max() < TEXT_TOL
+    actor = HFRolloutEngine(folder)
+    for transport in ("tensor", "distributed"):
+        ids, logprobs, num_tensors = result[transport]
+        assert num_tensors == len(named)
+        reference = actor.score(request, [ids])[0]
+        assert (torch.tensor(logprobs) - reference).abs().max() < TEXT_TOL, transport
+    assert (actor.score(request, [result["before"][0]])[0] - base_ref).abs().max() > 0.05
