@@ -34,7 +34,7 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "rollout": ["sglang==0.5.23"],
+        "rollout": ["sglang==0.5.23", "requests"],
         "cluster": ["nemo-run==0.11.1", "leptonai==0.27.3"],
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],

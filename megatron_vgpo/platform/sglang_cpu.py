@@ -27,7 +27,7 @@ CPU_ENGINE_DEFAULTS: dict[str, object] = {
     "attention_backend": "torch_native",
     "disable_cuda_graph": True,
     "skip_server_warmup": True,
-    "mem_fraction_static": 0.05,
+    "mem_fraction_static": 0.3,  # the KV pool stays capped by max_total_tokens; 0.05 fails under memory pressure
     "max_total_tokens": 4096,
 }
 
