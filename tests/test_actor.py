@@ -11,7 +11,8 @@ optimizer), PP2 (DP2), TP2xPP2 (DP1) -- a fresh actor is built from the HF folde
   element = final-norm output), to 1e-4; results are identical on every rank;
 * ``train_step`` (2 mini-batches = 2 Adam steps, micro-batches by a small token budget, DP shards from
   ``shard_for_data_parallel``) gives the same losses and the same updated weights (full HF tensors from
-  ``export_hf_weights``) as TP1.
+  ``export_hf_weights``) as TP1, and TP1's weights equal the same two updates restated with transformers'
+  model, ``policy_loss`` on its log-probs, ``clip_grad_norm_`` and torch ``AdamW``.
 
 Also: at TP2xPP2 (DP1) one micro-batch per mini-batch instead of several gives the same update; at TP1 a NaN
 advantage in ONE DP rank's shard makes every rank skip the step (counted) and leaves the weights as loaded.
@@ -105,7 +106,8 @@ def _actor_body(rank: int, world_size: int, hf_dir: str) -> dict[str, Any]:
     from megatron_vgpo.trainer.rl_batch import shard_for_data_parallel
 
     batch = make_batch(hf_dir)
-    loss_cfg = LossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    # an entropy bonus too: its gradient goes through the vocab-parallel entropy backward at every layout
+    loss_cfg = LossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0, entropy_coef=0.01)
     out: dict[str, Any] = {"logprobs": {}, "metrics": {}, "weights": {}, "seconds": {}}
     train_batch = None
     for name, tp, pp, sp, dist_opt in LAYOUTS:
@@ -169,8 +171,43 @@ def _hf_reference(hf_dir: str, batch: Any) -> dict[str, torch.Tensor]:
     return {"log_probs": lp, "entropy": ent, "focus_cos": cos, "has_image": has}
 
 
+def _hf_reference_update(hf_dir: str, train_batch: Any, tmp_dir: Path) -> dict[str, torch.Tensor]:
+    """The same 2 policy updates done with transformers + torch: per mini-batch the token-mean policy loss
+    (``policy_loss`` on transformers' log-probs/entropy), grad-norm clip 1.0, AdamW with Megatron's weight
+    decay rule (none on biases and 1-D params). Returns the updated weights under checkpoint names."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vgpo.algo.losses import policy_loss
+    from megatron_vgpo.checkpoint.hf_mapping import read_hf_state_dict
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if p.dim() > 1 and not n.endswith(".bias")], "weight_decay": 0.01},
+              {"params": [p for n, p in named if p.dim() == 1 or n.endswith(".bias")], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=ADAM_EPS)
+    width = train_batch.responses.shape[1]
+    for k in range(2):
+        mb = train_batch.select(range(4 * k, 4 * k + 4))
+        optimizer.zero_grad()
+        logp_all = torch.log_softmax(model(**mb.model_inputs()).logits.float(), dim=-1)  # [b, s, V]
+        lp = torch.zeros(mb.batch_size, width)
+        ent = torch.zeros(mb.batch_size, width)
+        for i in range(mb.batch_size):
+            start, n = int(mb.response_start[i]), int(mb.response_length[i])
+            rows = logp_all[i, start - 1:start + n - 1]  # position p is predicted at p - 1
+            lp[i, :n] = rows.gather(1, mb.input_ids[i, start:start + n].unsqueeze(1)).squeeze(1)
+            ent[i, :n] = -(rows.exp() * rows).sum(-1)
+        loss, _ = policy_loss(lp, mb.old_log_probs, mb.advantages, mb.response_mask, clip_low=0.2, clip_high=0.28,
+                              dual_clip=3.0, global_tokens=mb.num_response_tokens, entropy=ent, entropy_coef=0.01)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+    model.save_pretrained(tmp_dir)
+    return {k: v.float() for k, v in read_hf_state_dict(str(tmp_dir)).items()}
+
+
 @pytest.mark.multirank
-def test_actor_layouts_match_transformers_and_each_other(tiny_hf_dir: Path):
+def test_actor_layouts_match_transformers_and_each_other(tiny_hf_dir: Path, tmp_path: Path):
     hf_dir = str(tiny_hf_dir)
     t0 = time.perf_counter()
     results = run_on_ranks(_actor_body, world_size=4, args=(hf_dir,), megatron=True,
@@ -221,6 +258,14 @@ def test_actor_layouts_match_transformers_and_each_other(tiny_hf_dir: Path):
         diff = max(float((weights[name][k] - weights["tp1"][k]).abs().max()) for k in initial)
         report[f"{name}_weight_diff"] = diff
         assert diff < 1e-3 * LR, (name, diff)  # measured: 1 fp32 ulp (1.2e-7 on weights near 1.0)
+
+    # an independent restatement of the update with transformers + torch AdamW
+    train_batch = with_training_inputs(batch, results[0]["logprobs"]["tp1"]["log_probs"])
+    hf_updated = _hf_reference_update(hf_dir, train_batch, tmp_path / "hf_updated")
+    assert set(hf_updated) == set(initial)
+    diff = max(float((hf_updated[k] - weights["tp1"][k]).abs().max()) for k in initial)
+    report["transformers_torch_adamw_weight_diff"] = diff
+    assert diff < 1e-3 * LR, diff  # measured 6e-8
 
     # NaN: skipped on every rank, counted, weights unchanged
     for r in results:

@@ -362,15 +362,19 @@ class MegatronActor:
                   "micro_batches": 0, **{k: 0.0 for k in _METRIC_SUMS}}
         for indices in split_contiguous(batch.batch_size, mini_batches):
             mini = batch.select(indices)
-            global_tokens = torch.tensor([float(mini.num_response_tokens)], device=self.device)
+            # valid tokens and non-empty sequences of the GLOBAL mini-batch (all DP ranks)
+            counts = torch.tensor([float(mini.num_response_tokens), float((mini.response_length > 0).sum())],
+                                  device=self.device)
             if self.dp > 1:
-                dist.all_reduce(global_tokens, group=dp_group)
-            normalizer = max(float(global_tokens.item()), 1.0)
+                dist.all_reduce(counts, group=dp_group)
+            global_tokens = counts[:1]
+            normalizer = max(float(counts[0].item()), 1.0)
+            sequences = max(float(counts[1].item()), 1.0)
             _, micro = self._micro_batches(mini, budget)
             n_micro = len(micro)
 
-            def loss_fn(mb: RLBatch, logits: Tensor, n_micro: int = n_micro,
-                        normalizer: float = normalizer) -> tuple[Tensor, dict[str, Tensor]]:
+            def loss_fn(mb: RLBatch, logits: Tensor, n_micro: int = n_micro, normalizer: float = normalizer,
+                        sequences: float = sequences) -> tuple[Tensor, dict[str, Tensor]]:
                 lp, ent = response_log_probs(
                     logits, mb.input_ids, mb.response_start, mb.response_length, width,
                     temperature=loss_cfg.temperature, chunk_tokens=self.config.logprob_chunk_tokens,
@@ -379,8 +383,8 @@ class MegatronActor:
                     lp, mb.old_log_probs.float(), mb.advantages.float(), mb.response_mask,
                     clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, dual_clip=loss_cfg.dual_clip,
                     agg=loss_cfg.agg, global_tokens=normalizer, log_ratio_clamp=loss_cfg.log_ratio_clamp,
-                    entropy=ent, entropy_coef=loss_cfg.entropy_coef,
-                    global_sequences=None)
+                    global_sequences=sequences, entropy_coef=loss_cfg.entropy_coef,
+                    entropy=ent if loss_cfg.entropy_coef else ent.detach())
                 tokens = float(mb.num_response_tokens)
                 # local sums (token-weighted means * tokens) -> summed over micro-batches and DP below
                 reduced = torch.stack([loss.detach()] + [m[k].detach().float() * tokens for k in _METRIC_SUMS])
