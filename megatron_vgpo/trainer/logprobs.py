@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "prediction_rows", "response_log_probs", "vocab_parallel_log_probs"]
 
-DEFAULT_CHUNK_TOKENS = 1024
+# 512 rows of Qwen2.5-VL's 151,936-token vocabulary: ~0.93 GB of fp32 temporaries at TP1, ~0.23 GB at TP4.
+# Measured on 2 CPU cores (N=1024, V=32768, fwd+bwd): chunk 256 ~0.85 s, 1024 ~0.63 s, unchunked ~0.61 s.
+DEFAULT_CHUNK_TOKENS = 512
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
