@@ -3,6 +3,8 @@
     megatron-vgpo train CONFIG.yaml [key=value ...]     run a job (also: python -m megatron_vgpo.train)
     megatron-vgpo plan-memory --model NAME --tp T --pp P --dp D
                                                        parameters and memory per GPU for a layout
+    megatron-vgpo plan --model NAME --nodes N --gpus-per-node G --gpu-mem-gib M
+                                                       every feasible layout of a cluster, recommended one
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-vgpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "plan-memory"])
+    parser.add_argument("command", choices=["train", "plan-memory", "plan"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -29,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron_vgpo.checkpoint.plan_memory_cli import main as plan_main
 
         return plan_main(rest)
+    if command == "plan":
+        from megatron_vgpo.launch.planner import main as cluster_plan_main
+
+        return cluster_plan_main(rest)
     parser.parse_args([command])  # prints the usage error for an unknown command
     return 2
 
