@@ -7,7 +7,9 @@ the reference for every YAML key; ``examples/tiny_cpu.yaml`` is the embedded def
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from megatron_vgpo.algo.vgpo import VGPOConfig
 
 
 @dataclass
@@ -100,6 +102,102 @@ class ValidationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Rollout engine and sampling. ``backend="sglang"`` runs SGLang (in its worker process on CPU); with
+    ``fallback_to_hf`` the transformers backend is used when SGLang cannot start. ``engine_kwargs`` go to
+    ``sglang.Engine``. Weights reach the engine after every update by ``weight_sync`` in buckets of
+    ``sync_bucket_mb``."""
+
+    backend: Literal["sglang", "hf"] = "sglang"
+    fallback_to_hf: bool = True
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    sync_bucket_mb: float = 512.0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if not 0.0 < self.top_p <= 1.0 or self.temperature < 0.0:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Policy optimisation. ``name``: ``grpo`` (group-normalised outcome advantages, PPO clip), ``dapo``
+    (+ dynamic sampling and clip-higher, i.e. the settings below), ``vgpo`` (DAPO + VGPO re-weighting with
+    ``vgpo``). Switching ``name`` alone changes nothing else, so ``algorithm.name=grpo`` vs ``vgpo`` is a
+    controlled comparison; ``grpo`` turns dynamic sampling off unless ``dynamic_sampling`` is set."""
+
+    name: Literal["grpo", "dapo", "vgpo"] = "vgpo"
+    estimator: Literal["grpo", "drgrpo"] = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = 3.0
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    entropy_coef: float = 0.0
+    dynamic_sampling: bool | None = None
+    accuracy_bounds: tuple[float, float] = (0.01, 0.99)
+    max_sampling_rounds: int = 4
+    state_position: Literal["own", "producing"] = "own"
+    vgpo: VGPOConfig = field(default_factory=VGPOConfig)
+
+    @property
+    def uses_dynamic_sampling(self) -> bool:
+        return self.name != "grpo" if self.dynamic_sampling is None else self.dynamic_sampling
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam through Megatron's optimizer (``distributed`` = distributed optimizer)."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    distributed: bool = True
+
+
+@dataclass
+class SFTConfig:
+    """Optional supervised warm start on the training answers, so the model can emit ``\\boxed{}`` answers
+    before RL. Stops when greedy validation accuracy reaches ``target_accuracy`` (checked every
+    ``eval_every`` steps) or after ``max_steps``; the result is saved as ``RUN_DIR/sft_model`` (an HF folder)
+    and reused by later runs in the same ``run_dir``."""
+
+    enabled: bool = False
+    max_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    target_accuracy: float = 0.35
+    eval_every: int = 100
+    eval_samples: int = 64
+
+
+@dataclass
+class TrainerConfig:
+    """The RL loop: ``steps`` rollout steps of ``prompts_per_step`` prompts (x ``rollout.n`` samples), each
+    followed by ``mini_batches`` optimizer steps; validation every ``val_every`` steps, a checkpoint every
+    ``save_every`` steps (0: never); ``resume`` continues from ``RUN_DIR/checkpoints/latest``."""
+
+    steps: int = 0
+    prompts_per_step: int = 512
+    mini_batches: int = 4
+    micro_batch_tokens: int = 16384
+    val_every: int = 5
+    save_every: int = 5
+    resume: bool = True
+
+
+@dataclass
 class LoggingConfig:
     """Metrics go to TensorBoard (``RUN_DIR/tb``) and, when ``wandb_project`` is set, to W&B."""
 
@@ -118,4 +216,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
