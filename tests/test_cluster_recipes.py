@@ -109,9 +109,13 @@ def test_preflight_master_checks():
         busy = server.getsockname()[1]
         # the kernel completes the handshake from the listen backlog: no accept() needed
         assert preflight.check_master("127.0.0.1", busy, node_rank=1, timeout_s=5) == f"connected to 127.0.0.1:{busy}"
-        with pytest.raises(preflight.PreflightError, match=f"master port {busy} is already in use"):
+        with pytest.raises(preflight.PreflightError, match=f"master port {busy} is already in use on 127.0.0.1"):
             preflight.check_master("127.0.0.1", busy, node_rank=0)
-    assert "port free" in preflight.check_master("127.0.0.1", _free_port(), node_rank=0)
+    assert "is this node; port free" in preflight.check_master("127.0.0.1", _free_port(), node_rank=0)
+    with pytest.raises(preflight.PreflightError, match="is not an address of this node, but node rank 0 hosts"):
+        preflight.check_master("192.0.2.1", _free_port(), node_rank=0)  # TEST-NET-1: never a local address
+    # c10d rendezvous: the node owning the endpoint listens, whatever its node rank
+    assert "port free" in preflight.check_master("127.0.0.1", _free_port(), node_rank=3, rendezvous=True)
 
 
 def test_preflight_gpu_memory_rule():

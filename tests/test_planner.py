@@ -98,7 +98,7 @@ def test_layout_that_cannot_fit_is_marked():
     assert (rec.tp, rec.pp) == (8, 1) and "<- recommended" in table
 
 
-def test_cli_json_and_errors(capsys, tmp_path):
+def test_cli_json_and_errors(capsys, tmp_path, tiny_hf_dir):
     from megatron_vgpo.cli import main
 
     assert main(["plan", "--model", "qwen2.5-vl-7b", "--nodes", "1", "--gpus-per-node", "8",
@@ -116,3 +116,7 @@ def test_cli_json_and_errors(capsys, tmp_path):
     cfg.write_text(f"run_dir: {tmp_path / 'run'}\n")
     assert main(["plan", "--model", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "8"]) == 2
     assert "run the job once" in capsys.readouterr().err
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nmodel:\n  hf_dir: {tiny_hf_dir}\n")
+    assert main(["plan", "--model", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "8"]) == 0
+    out = capsys.readouterr().out
+    assert str(tiny_hf_dir) in out and "recommended: TP1 x PP1 x DP2" in out

@@ -13,9 +13,10 @@ command line or config):
    out at the configured TP / PP (heads, KV heads, layers); with ``hf_dir: null`` the job builds the tiny model.
 3. **checkpoint** (``--ckpt``): a complete Megatron checkpoint (``vgpo_checkpoint.json``) or a root whose
    ``latest`` points at one.
-4. **master**: node rank 0 checks that the master address resolves and the port is free to listen on; every
-   other node opens a TCP connection to ``master:port`` (retrying until ``--connect-timeout``), so a wrong
-   address, a firewall or a master that never started is reported before any rank waits on a rendezvous.
+4. **master**: node rank 0 checks that the master address is one of its own and the port is free to listen on
+   (with ``--rdzv-endpoint``: the node owning that address does); every other node opens a TCP connection to
+   ``master:port`` (retrying until ``--connect-timeout``), so a wrong address, a firewall or a master that never
+   started is reported before any rank waits on a rendezvous.
 5. **GPU memory** (only when CUDA is present): at least ``nproc_per_node`` GPUs, each with at least the memory
    the planner (:mod:`megatron_vgpo.launch.planner`) says the worst GPU of this layout needs.
 """
@@ -101,8 +102,25 @@ def check_checkpoint(path: str) -> str:
         raise PreflightError(f"checkpoint {e}") from e
 
 
-def check_master(addr: str, port: int, node_rank: int, timeout_s: float = 30.0) -> str:
-    """Node rank 0: ``addr`` resolves and ``port`` is free. Other nodes: ``addr:port`` accepts a TCP connection
+def is_local_address(addr: str) -> bool:
+    """True when ``addr`` resolves to an address of this host (one a socket can bind)."""
+    try:
+        infos = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def check_master(addr: str, port: int, node_rank: int, timeout_s: float = 30.0, *, rendezvous: bool = False) -> str:
+    """The master (static rendezvous: node rank 0) or the c10d rendezvous endpoint (``rendezvous=True``: whichever
+    node owns that address) must be able to listen on ``addr:port``; every other node must reach it by TCP
     within ``timeout_s`` (retried every second, so the nodes may start in any order)."""
     if not 0 < port < 65536:
         raise PreflightError(f"master port {port} is out of range")
@@ -110,16 +128,20 @@ def check_master(addr: str, port: int, node_rank: int, timeout_s: float = 30.0) 
         socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise PreflightError(f"master address {addr!r} does not resolve on this node ({e})") from e
-    if node_rank == 0:
+    local = is_local_address(addr)
+    if node_rank == 0 and not rendezvous and not local:
+        raise PreflightError(f"master address {addr!r} is not an address of this node, but node rank 0 hosts the "
+                             "rendezvous: run node rank 0 on the master host or fix --master-addr")
+    if (node_rank == 0 and not rendezvous) or (rendezvous and local):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("", port))
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    raise PreflightError(f"master port {port} is already in use on node rank 0 (another job?); "
-                                         "pick another --master-port") from e
+                    raise PreflightError(f"master port {port} is already in use on {addr} (another job?); pick "
+                                         "another port") from e
                 raise PreflightError(f"cannot listen on master port {port}: {e}") from e
-        return f"{addr}:{port} resolves; port free on node rank 0"
+        return f"{addr}:{port} is this node; port free"
     deadline = time.monotonic() + timeout_s
     last: OSError | None = None
     while True:
@@ -198,7 +220,8 @@ def run_checks(args: argparse.Namespace) -> list[CheckResult]:
     if args.skip_master_check:
         results.append(CheckResult("master", "skip", "--skip-master-check"))
     else:
-        record("master", lambda: check_master(addr, port_num, args.node_rank, args.connect_timeout))
+        record("master", lambda: check_master(addr, port_num, args.node_rank, args.connect_timeout,
+                                              rendezvous=bool(args.rdzv_endpoint)))
     devices = local_cuda_devices()
     world = args.nnodes * args.nproc_per_node
     if not devices:
