@@ -167,6 +167,29 @@ def test_launch_script_runs_the_job_on_two_gloo_ranks(tmp_path: Path):
     assert parity["logits_max_abs_diff"] < 1e-4 and parity["final_hidden_max_abs_diff"] < 1e-4
 
 
+def test_launch_script_two_nodes_on_one_host(tmp_path: Path):
+    """Two "nodes" (node ranks 0 and 1, one process each) on this host: PP2 across the nodes. Node 1's
+    pre-flight waits for node 0's rendezvous to accept connections, then both join one world."""
+    run_dir, port = tmp_path / "run", _free_port()
+    job = [str(TINY), f"run_dir={run_dir}", "parallel.tp=1", "parallel.sp=false", "parallel.pp=2", *SMALL_JOB]
+
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen([str(REPO / "cluster/torchrun/launch.sh"), "--nnodes", "2", "--node-rank", str(rank),
+                                 "--nproc-per-node", "1", "--master-port", str(port), "--connect-timeout", "120",
+                                 *job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                cwd=tmp_path)
+
+    nodes = [node(0), node(1)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert f"preflight: master      ok   127.0.0.1:{port} is this node; port free" in outs[0][0]
+    assert f"preflight: master      ok   connected to 127.0.0.1:{port}" in outs[1][0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["megatron_parity"]["layout"] == "tp1_pp2"
+    assert summary["megatron_parity"]["logits_max_abs_diff"] < 1e-4 and summary["megatron_parity"]["rope_ids_equal"]
+
+
 def test_nemo_run_local_chain_import_train_export(tmp_path: Path, tiny_hf_dir: Path):
     """LocalExecutor: import (HF -> Megatron at TP2) -> train (torchrun, 2 gloo ranks) -> export (-> HF)."""
     from safetensors.torch import load_file
