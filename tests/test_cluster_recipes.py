@@ -58,6 +58,23 @@ def test_overrides_are_exactly_the_changed_keys_and_rebuild_the_config():
     assert recipes.config_overrides(load_config(TINY), TINY) == []
 
 
+def test_chain_tasks_commands():
+    cfg = load_config(TINY, ["parallel.tp=8", "parallel.pp=2", "model.dtype=bfloat16"])
+    paths = recipes.ChainPaths("/models/32b", "/results/ckpt", "/results/hf_out")
+    tasks = dict(recipes.chain_tasks(cfg, TINY, paths, import_tp=8, config_path="/c/job.yaml", repo_dir="/repo"))
+    assert list(tasks) == ["import", "train", "export"]
+    assert tasks["import"].to_command(with_entrypoint=True) == [
+        "python", "/repo/tools/convert_checkpoint.py", "import", "--hf-dir", "/models/32b", "--out", "/results/ckpt",
+        "--tp", "8", "--pp", "1"]
+    train = tasks["train"].to_command(with_entrypoint=True)
+    assert train[:4] == ["python", "-m", "megatron_vgpo.train", "/c/job.yaml"]
+    assert sorted(train[4:]) == ["model.dtype=bfloat16", "model.hf_dir=/models/32b", "parallel.pp=2", "parallel.tp=8"]
+    assert tasks["export"].args == ["export", "--ckpt", "/results/ckpt", "--out", "/results/hf_out", "--tp", "8",
+                                    "--pp", "1"]
+    with pytest.raises(recipes.RecipeError, match="whitespace or quotes"):
+        recipes.check_shell_safe(recipes.train_args(load_config(TINY, ["run_dir=/a b"]), TINY))
+
+
 def test_recipes_refuse_worlds_the_layout_cannot_use():
     cfg = load_config(TINY, ["parallel.tp=8", "parallel.pp=2"])
     recipes.check_world(cfg, 4, 8)

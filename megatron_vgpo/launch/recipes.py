@@ -204,18 +204,22 @@ class ChainPaths:
 
 
 def chain_tasks(cfg: TrainConfig, base_config: str | Path, paths: ChainPaths, *, import_tp: int = 1,
-                import_pp: int = 1, config_path: str | None = None, repo_dir: str | Path = REPO_ROOT,
+                import_pp: int = 1, export_tp: int | None = None, export_pp: int | None = None,
+                config_path: str | None = None, repo_dir: str | Path = REPO_ROOT,
                 env: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
     """``[(name, run.Script)]`` for import -> train -> export. Training starts from ``paths.hf_dir``
     (``model.hf_dir`` is set to it). Export reads ``paths.ckpt``: today that is the imported checkpoint, since
-    the job does not write Megatron checkpoints until the RL loop lands."""
+    the job does not write Megatron checkpoints until the RL loop lands. The conversions launch their own
+    ranks: import writes at ``import_tp`` x ``import_pp``, export loads at ``export_tp`` x ``export_pp``
+    (default: the import's layout; a distributed checkpoint loads at any layout)."""
     train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_dir=paths.hf_dir))
     return [
         ("import", convert_script("import", ["--hf-dir", paths.hf_dir, "--out", paths.ckpt, "--tp", str(import_tp),
                                              "--pp", str(import_pp)], repo_dir=repo_dir, env=env)),
         ("train", train_script(train_cfg, base_config, config_path=config_path, env=env)),
-        ("export", convert_script("export", ["--ckpt", paths.ckpt, "--out", paths.export_dir], repo_dir=repo_dir,
-                                  env=env)),
+        ("export", convert_script("export", ["--ckpt", paths.ckpt, "--out", paths.export_dir,
+                                             "--tp", str(export_tp or import_tp), "--pp", str(export_pp or import_pp)],
+                                  repo_dir=repo_dir, env=env)),
     ]
 
 
