@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_vgpo.config import TrainConfig, load_config, to_dict
+from megatron_vgpo.config import ConfigError, TrainConfig, load_config, to_dict
 
 logger = logging.getLogger("megatron_vgpo.train")
 
@@ -45,6 +45,32 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def needs_actor(cfg: TrainConfig) -> bool:
+    """True when the job trains (SFT warm start or RL steps), i.e. needs the Megatron actor's ranks."""
+    return cfg.trainer.steps > 0 or cfg.sft.enabled
+
+
+def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
+    """Run this job under ``torchrun`` with ``tp * pp`` processes on this machine; return its summary."""
+    import subprocess
+
+    from megatron_vgpo.distributed.multiprocess import find_free_port
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.yaml"
+    resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    world = cfg.parallel.tp * cfg.parallel.pp
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+               "--master-port", str(find_free_port()), "-m", "megatron_vgpo.train", str(resolved)]
+    logger.info("launching %d ranks: %s", world, " ".join(command))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    status = subprocess.run(command, env=env, check=False).returncode
+    if status != 0:
+        raise RuntimeError(f"the {world} training ranks failed (exit status {status}); see {run_dir / 'train.log'}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def run(cfg: TrainConfig) -> dict | None:
     """Run the job described by ``cfg``; rank 0 returns the summary (also written to ``RUN_DIR/summary.json``),
     other ranks return None.
@@ -59,6 +85,8 @@ def run(cfg: TrainConfig) -> dict | None:
 
     from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
 
+    if needs_actor(cfg) and not launched_by_torchrun() and cfg.parallel.tp * cfg.parallel.pp > 1:
+        return _relaunch_under_torchrun(cfg)
     started = time.monotonic()
     run_dir = Path(cfg.run_dir)
     distributed = launched_by_torchrun()
@@ -83,6 +111,12 @@ def run(cfg: TrainConfig) -> dict | None:
     hf_dir, (train_files, val_files) = prepared[0]
 
     parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
+    if needs_actor(cfg):
+        from megatron_vgpo.distributed.process_groups import init_torch_distributed
+        from megatron_vgpo.trainer.job import train_job
+
+        init_torch_distributed()  # a world of one when not under torchrun
+        return train_job(cfg, hf_dir, train_files, val_files, parity, started)
     if not is_main:
         dist.barrier()  # wait for rank 0's validation, then leave together
         return None
@@ -98,24 +132,15 @@ def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Pa
     import torch
     from transformers import AutoProcessor
 
-    from megatron_vgpo.data import DatasetColumns, PromptDataset
     from megatron_vgpo.reward import RewardGrader
     from megatron_vgpo.rollout.hf_backend import HFRolloutEngine
     from megatron_vgpo.trainer.evaluate import evaluate_greedy
     from megatron_vgpo.trainer.metrics import MetricsLogger
+    from megatron_vgpo.trainer.prepare import load_datasets
 
     run_dir = Path(cfg.run_dir)
     processor = AutoProcessor.from_pretrained(hf_dir)
-    columns = DatasetColumns(prompt=cfg.data.prompt_key, answer=cfg.data.answer_key, images=cfg.data.image_key)
-    datasets = {
-        split: PromptDataset(files, processor, columns, max_prompt_length=cfg.data.max_prompt_length,
-                             min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                             on_bad_row=cfg.data.on_bad_row)
-        for split, files in (("train", train_files), ("val", val_files))
-    }
-    for split, ds in datasets.items():
-        logger.info("%s: %d usable prompts of %d rows (skipped: %s)", split, len(ds), ds.num_rows_read,
-                    dict(ds.skipped) or "none")
+    datasets = load_datasets(cfg.data, processor, train_files, val_files)
 
     val = datasets["val"]
     val_samples = [val[i] for i in range(min(cfg.validation.num_samples, len(val)))]
@@ -206,7 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config", help="YAML config, e.g. examples/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/x parallel.tp=2")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"megatron-vgpo train: config error: {err}", file=sys.stderr)
+        return 2
     _setup_logging(cfg.logging.level, Path(cfg.run_dir))
     summary = run(cfg)
     if summary is not None:

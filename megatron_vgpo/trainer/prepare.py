@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from megatron_vgpo.config.schema import DataConfig, ModelConfig
 
@@ -67,3 +68,20 @@ def prepare_data(cfg: DataConfig, run_dir: Path) -> tuple[list[Path], list[Path]
                                   syn.image_size)
     record_path.write_text(json.dumps(record, indent=1))
     return [paths["train"]], [paths["test"]]
+
+
+def load_datasets(cfg: DataConfig, processor: Any, train_files: list[Path], val_files: list[Path]) -> dict:
+    """``{"train": PromptDataset, "val": PromptDataset}`` with the configured columns, limits and bad-row
+    policy; logs how many rows each kept and why others were skipped."""
+    from megatron_vgpo.data import DatasetColumns, PromptDataset
+
+    columns = DatasetColumns(prompt=cfg.prompt_key, answer=cfg.answer_key, images=cfg.image_key)
+    datasets = {
+        split: PromptDataset(files, processor, columns, max_prompt_length=cfg.max_prompt_length,
+                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, on_bad_row=cfg.on_bad_row)
+        for split, files in (("train", train_files), ("val", val_files))
+    }
+    for split, ds in datasets.items():
+        logger.info("%s: %d usable prompts of %d rows (skipped: %s)", split, len(ds), ds.num_rows_read,
+                    dict(ds.skipped) or "none")
+    return datasets

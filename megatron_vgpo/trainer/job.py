@@ -1,0 +1,173 @@
+"""The training job (``trainer.steps > 0`` or ``sft.enabled``): optional SFT warm start, then the RL loop,
+with greedy validation before and after. Collective over every rank; rank 0 drives the rollout engine,
+grades, logs and writes ``RUN_DIR/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_vgpo.config import TrainConfig, to_dict
+from megatron_vgpo.trainer.rl_step import broadcast_object, sync_weights
+
+logger = logging.getLogger(__name__)
+
+
+def _actor_config(cfg: TrainConfig, *, lr: float, warmup: int, schedule: str, decay_steps: int | None) -> Any:
+    from megatron_vgpo.trainer.actor import ActorConfig
+
+    opt = cfg.optimizer
+    return ActorConfig(sequence_parallel=cfg.parallel.sp, lr=lr, min_lr=min(opt.min_lr, lr),
+                       weight_decay=opt.weight_decay, betas=tuple(opt.betas), adam_eps=opt.adam_eps,
+                       clip_grad=opt.clip_grad, use_distributed_optimizer=opt.distributed, lr_schedule=schedule,
+                       lr_warmup_steps=warmup, lr_decay_steps=decay_steps,
+                       micro_batch_tokens=cfg.trainer.micro_batch_tokens)
+
+
+def make_engine(cfg: TrainConfig, model_dir: Path, backend: str | None = None) -> Any:
+    """Rank 0's rollout engine: SGLang (falling back to transformers when it cannot start and
+    ``rollout.fallback_to_hf``) or the transformers backend."""
+    from megatron_vgpo.rollout.hf_backend import HFRolloutEngine
+
+    backend = backend or cfg.rollout.backend
+    if backend == "sglang":
+        try:
+            from megatron_vgpo.rollout.sglang_backend import SGLangEngine
+
+            kwargs = {"dtype": cfg.model.dtype, "random_seed": cfg.seed, "log_level": "error",
+                      **cfg.rollout.engine_kwargs}
+            return SGLangEngine(model_dir, engine_kwargs=kwargs, weight_sync=cfg.rollout.weight_sync)
+        except Exception as err:  # an engine that cannot start is a set-up problem, reported either way
+            if not cfg.rollout.fallback_to_hf:
+                raise
+            logger.warning("SGLang engine could not start (%s: %s); using the transformers backend",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    return HFRolloutEngine(model_dir)
+
+
+def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files: list[Path], parity: dict,
+              started: float) -> dict | None:
+    """SFT (optional) + RL on the already-initialised torch.distributed world; rank 0 returns the summary."""
+    from transformers import AutoProcessor
+
+    from megatron_vgpo.data import PromptSampler
+    from megatron_vgpo.distributed.process_groups import init_model_parallel
+    from megatron_vgpo.models.tokenizers import special_token_ids
+    from megatron_vgpo.reward import RewardGrader
+    from megatron_vgpo.trainer.actor import MegatronActor
+    from megatron_vgpo.trainer.evaluate import evaluate_greedy
+    from megatron_vgpo.trainer.loop import rl_loop
+    from megatron_vgpo.trainer.metrics import MetricsLogger
+    from megatron_vgpo.trainer.prepare import load_datasets
+    from megatron_vgpo.trainer.sft import run_sft
+
+    run_dir = Path(cfg.run_dir)
+    rank0 = dist.get_rank() == 0
+    init_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    tokenizer = processor.tokenizer
+    ids = special_token_ids(tokenizer)
+    datasets = load_datasets(cfg.data, processor, train_files, val_files)
+    train_ds, val_ds = datasets["train"], datasets["val"]
+    val_samples = [val_ds[i] for i in range(min(cfg.validation.num_samples, len(val_ds)))]
+    token_ids = {"pad_token_id": ids.pad, "image_token_id": ids.image_pad}
+
+    def decode(token_list: list[int]) -> str:
+        return tokenizer.decode(token_list, skip_special_tokens=True)
+
+    grader = RewardGrader(num_workers=2, timeout_s=10.0) if rank0 else None
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                            enabled=rank0, config=to_dict(cfg))
+    engine = None
+
+    def validate(samples: list[Any] = val_samples) -> float:
+        acc = (evaluate_greedy(engine, samples, decode, grader, max_new_tokens=cfg.validation.max_new_tokens,
+                               batch_size=cfg.validation.batch_size).accuracy if rank0 else None)
+        return float(broadcast_object(acc))
+
+    summary: dict[str, Any] = {}
+    try:
+        sft_dir = run_dir / "sft_model"
+        resuming = cfg.trainer.resume and (run_dir / "checkpoints" / "latest").is_file()
+        if cfg.sft.enabled and not (sft_dir / "config.json").is_file() and not resuming:
+            actor = MegatronActor(hf_dir, _actor_config(cfg, lr=cfg.sft.lr, warmup=cfg.sft.warmup_steps,
+                                                       schedule="constant", decay_steps=None))
+            engine = make_engine(cfg, hf_dir, backend="hf") if rank0 else None
+            sampler = PromptSampler(len(train_ds), cfg.sft.batch_size, seed=cfg.seed)
+
+            def evaluate_sft() -> float:
+                sync_weights(actor, engine, cfg)
+                return validate(val_samples[: cfg.sft.eval_samples])
+
+            summary.update(run_sft(actor, train_ds, sampler.next_batch, evaluate_sft, tokenizer, cfg,
+                                   lambda step, m: metrics.log(step, m), eos_token_id=ids.eos, **token_ids))
+            _export_hf(actor, hf_dir, sft_dir, rank0)
+            if engine is not None:
+                engine.shutdown()
+            engine, actor = None, None
+        if (sft_dir / "config.json").is_file():
+            hf_dir = sft_dir
+
+        actor = MegatronActor(hf_dir, _actor_config(
+            cfg, lr=cfg.optimizer.lr, warmup=cfg.optimizer.warmup_steps, schedule=cfg.optimizer.lr_schedule,
+            decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cfg.optimizer.lr_schedule == "cosine"
+            else None))
+        engine = make_engine(cfg, hf_dir) if rank0 else None
+        before_path = run_dir / "val_before.json"
+        if resuming and before_path.is_file():
+            val_before = json.loads(before_path.read_text())["accuracy"]
+        else:
+            val_before = validate()
+            if rank0:
+                before_path.write_text(json.dumps({"accuracy": val_before, "model_dir": str(hf_dir)}))
+        metrics.log(0, {"val/accuracy": val_before})
+        logger.info("validation before RL: %.3f", val_before)
+        sampler = PromptSampler(len(train_ds), cfg.trainer.prompts_per_step, seed=cfg.seed)
+        counters = rl_loop(cfg, actor, engine, grader, train_ds, sampler, validate, metrics.log, decode=decode,
+                           **token_ids)
+        val_after = validate()
+        logger.info("validation after RL: %.3f (before %.3f)", val_after, val_before)
+        summary.update(val_accuracy_before=val_before, val_accuracy_after=val_after, steps=counters["steps"],
+                       resumed_from_step=counters["resumed_from_step"], algorithm=cfg.algorithm.name,
+                       rollout_backend=type(engine).__name__ if engine is not None else None)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        if grader is not None:
+            grader.close()
+        metrics.close()
+    if not rank0:
+        return None
+    summary.update(wall_seconds=round(time.monotonic() - started, 2), model_dir=str(hf_dir),
+                   train_prompts=len(train_ds), val_prompts=len(val_ds),
+                   skipped_rows={k: dict(v.skipped) for k, v in datasets.items()}, megatron_parity=parity)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info("wrote %s", run_dir / "summary.json")
+    return summary
+
+
+def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> None:
+    """Write the actor's weights as an HF folder (tokenizer/processor copied from ``template_dir``), atomically:
+    into ``out_dir.tmp`` then renamed (collective)."""
+    import shutil
+
+    from megatron_vgpo.rollout.sync_disk import write_hf_weights_folder
+    from megatron_vgpo.trainer.weight_export import iter_model_weights_to_rank
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    weights = iter_model_weights_to_rank(actor.model, actor.hf_config, dst=0)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_weights_folder(weights, tmp, template_dir=template_dir, bucket_bytes=1 << 30)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    else:
+        for _ in weights:
+            pass
+    dist.barrier()
