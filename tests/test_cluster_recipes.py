@@ -144,6 +144,10 @@ def test_preflight_gpu_memory_rule():
         preflight.check_gpu_memory(245 * gib, [h100] * 8, 8, "TP1 x PP1 x DP32")
     with pytest.raises(preflight.PreflightError, match="nproc_per_node 8 but only 2 GPU"):
         preflight.check_gpu_memory(gib, [h100] * 2, 8, "TP8")
+    # the colocated SGLang share comes from the rollout config unless given
+    sglang = load_config(TINY, ["rollout.backend=sglang", "rollout.engine_kwargs={mem_fraction_static: 0.4}"])
+    assert preflight.sglang_fraction(sglang, None) == 0.4 and preflight.sglang_fraction(sglang, 0.1) == 0.1
+    assert preflight.sglang_fraction(load_config(TINY, ["rollout.backend=hf"]), None) == 0.0
 
 
 def test_launch_script_refuses_before_launching(tmp_path: Path):
@@ -170,18 +174,26 @@ def test_launch_script_refuses_before_launching(tmp_path: Path):
 
 
 def test_launch_script_runs_the_job_on_two_gloo_ranks(tmp_path: Path):
+    """One node, ``--nproc-per-node 2``: the TP2+SP parity check and one RL step (GRPO, transformers rollouts)
+    with a real actor update on the two gloo ranks."""
     run_dir = tmp_path / "run"
+    rl_step = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=2", "rollout.backend=hf",
+               "rollout.max_new_tokens=4", "trainer.mini_batches=1", "trainer.val_every=0", "trainer.save_every=0",
+               "algorithm.name=grpo"]
     proc = subprocess.run([str(REPO / "cluster/torchrun/launch.sh"), "--nproc-per-node", "2", "--master-port",
-                           str(_free_port()), str(TINY), f"run_dir={run_dir}", *SMALL_JOB],
+                           str(_free_port()), str(TINY), f"run_dir={run_dir}", *SMALL_JOB, *rl_step],
                           capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preflight: world size  ok   world 2 = TP2 x PP1 x DP1" in proc.stdout
     assert "torch.distributed.run --nnodes 1 --nproc-per-node 2 --node-rank 0" in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["train_prompts"] == 36 and summary["val_prompts"] == 4 and summary["steps"] == 0
+    assert summary["train_prompts"] == 36 and summary["val_prompts"] == 4 and summary["steps"] == 1
     parity = summary["megatron_parity"]
     assert parity["layout"] == "tp2_pp1_sp" and parity["rope_ids_equal"]
     assert parity["logits_max_abs_diff"] < 1e-4 and parity["final_hidden_max_abs_diff"] < 1e-4
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if r["step"] == 1 and "actor/steps" in r)
+    assert step["actor/steps"] == 1 and step["actor/tokens"] > 0
 
 
 def test_launch_script_two_nodes_on_one_host(tmp_path: Path):
@@ -208,28 +220,39 @@ def test_launch_script_two_nodes_on_one_host(tmp_path: Path):
 
 
 def test_nemo_run_local_chain_import_train_export(tmp_path: Path, tiny_hf_dir: Path):
-    """LocalExecutor: import (HF -> Megatron at TP2) -> train (torchrun, 2 gloo ranks) -> export (-> HF)."""
+    """LocalExecutor: import (HF -> Megatron at TP2) -> train (torchrun, 2 gloo ranks, one RL step that saves a
+    checkpoint) -> export of the trained checkpoint (-> HF)."""
+    import torch
     from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     run_dir, ckpt, export = tmp_path / "run", tmp_path / "ckpt", tmp_path / "hf_export"
+    rl_step = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=2", "rollout.backend=hf",
+               "rollout.max_new_tokens=4", "trainer.mini_batches=1", "trainer.val_every=0", "trainer.save_every=1",
+               "algorithm.name=grpo", "algorithm.entropy_coef=0.01", "optimizer.lr=1e-3"]  # entropy: a non-zero grad
     proc = subprocess.run([sys.executable, str(REPO / "cluster/nemo_run/local.py"), str(TINY), f"run_dir={run_dir}",
-                           *SMALL_JOB, "--chain", "--hf-dir", str(tiny_hf_dir), "--ckpt", str(ckpt),
+                           *SMALL_JOB, *rl_step, "--chain", "--hf-dir", str(tiny_hf_dir), "--ckpt", str(ckpt),
                            "--export-dir", str(export), "--import-tp", "2"],
-                          capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, env=_env(), timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     states = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("states: "))
     assert states == {"import": "SUCCEEDED", "train": "SUCCEEDED", "export": "SUCCEEDED"}
+    assert (ckpt / "vgpo_checkpoint.json").is_file() or (ckpt / "latest").is_file()  # the import's output
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["model_dir"] == str(tiny_hf_dir) and summary["megatron_parity"]["layout"] == "tp2_pp1_sp"
-    assert summary["megatron_parity"]["logits_max_abs_diff"] < 1e-4
+    assert summary["model_dir"] == str(tiny_hf_dir) and summary["steps"] == 1
+    assert summary["megatron_parity"]["layout"] == "tp2_pp1_sp"
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "iter_0000001"
     # torchrun really started two ranks (torchelastic keeps one log folder per local rank)
     rank_dirs = {p.name for p in (run_dir / "nemo_run").rglob("attempt_0/*") if p.is_dir()}
     assert rank_dirs == {"0", "1"}
-    # the exported HF weights are the source weights, tensor for tensor
+    # export wrote the TRAINED weights: every source tensor is there with its shape, and training moved them
     source = {k: v for f in sorted(tiny_hf_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
     exported = {k: v for f in sorted(export.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert exported.keys() == source.keys()
-    assert all(bool((exported[k] == source[k]).all()) for k in source)
+    assert all(exported[k].shape == source[k].shape for k in source)
+    assert max(float((exported[k] - source[k]).abs().max()) for k in source) > 1e-5
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_nemo_run_reports_a_failed_job(tmp_path: Path):

@@ -226,6 +226,7 @@ def plan_cluster(
 
 def resolve_model(model: str) -> tuple[Any, str]:
     """``(HF config, label)`` from a known name, an HF folder, or a run config (``.yaml``/``.yml``).
+    (:func:`job_micro_batch_tokens` reads a run config's ``trainer.micro_batch_tokens``.)
 
     Raises:
         FileNotFoundError: the model cannot be found (the message says what was tried).
@@ -245,6 +246,15 @@ def resolve_model(model: str) -> tuple[Any, str]:
                 "known name or an HF folder)")
         return load_hf_config(folder), f"{model} ({folder})"
     return load_hf_config(model), model
+
+
+def job_micro_batch_tokens(model: str) -> int:
+    """``trainer.micro_batch_tokens`` of a run config, else :data:`DEFAULT_MICRO_BATCH_TOKENS`."""
+    if model.endswith((".yaml", ".yml")):
+        from megatron_vgpo.config import load_config
+
+        return load_config(model).trainer.micro_batch_tokens
+    return DEFAULT_MICRO_BATCH_TOKENS
 
 
 def _gib(n: int) -> str:
@@ -301,9 +311,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=_positive_int, required=True)
     parser.add_argument("--gpus-per-node", type=_positive_int, required=True)
     parser.add_argument("--gpu-mem-gib", type=float, required=True, help="memory of one GPU in GiB")
-    parser.add_argument("--micro-batch-tokens", type=_positive_int, default=DEFAULT_MICRO_BATCH_TOKENS,
-                        help=f"tokens per micro-batch for the activation estimate (default "
-                             f"{DEFAULT_MICRO_BATCH_TOKENS})")
+    parser.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
+                        help=f"tokens per micro-batch for the activation estimate (default: a run config's "
+                             f"trainer.micro_batch_tokens, else {DEFAULT_MICRO_BATCH_TOKENS})")
     parser.add_argument("--colocate-sglang-fraction", type=float, default=0.0,
                         help="fraction of each GPU held by a colocated SGLang engine (0: engines elsewhere)")
     parser.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
@@ -320,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         hf_config, label = resolve_model(args.model)
         plan = plan_cluster(hf_config, args.nodes, args.gpus_per_node, args.gpu_mem_gib,
-                            micro_batch_tokens=args.micro_batch_tokens,
+                            micro_batch_tokens=args.micro_batch_tokens or job_micro_batch_tokens(args.model),
                             colocate_sglang_fraction=args.colocate_sglang_fraction, reserve_gib=args.reserve_gib,
                             name=label)
     except (FileNotFoundError, ValueError) as e:

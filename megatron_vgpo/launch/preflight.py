@@ -18,7 +18,8 @@ command line or config):
    ``master:port`` (retrying until ``--connect-timeout``), so a wrong address, a firewall or a master that never
    started is reported before any rank waits on a rendezvous.
 5. **GPU memory** (only when CUDA is present): at least ``nproc_per_node`` GPUs, each with at least the memory
-   the planner (:mod:`megatron_vgpo.launch.planner`) says the worst GPU of this layout needs.
+   the planner (:mod:`megatron_vgpo.launch.planner`) says the worst GPU of this layout needs, for
+   ``trainer.micro_batch_tokens`` and the colocated SGLang share (``rollout.engine_kwargs.mem_fraction_static``).
 """
 
 from __future__ import annotations
@@ -187,6 +188,16 @@ def local_cuda_devices() -> list[tuple[str, int]]:
     return out
 
 
+def sglang_fraction(cfg: Any, given: float | None) -> float:
+    """GPU fraction a colocated SGLang engine holds: ``given``, else ``rollout.engine_kwargs.mem_fraction_static``
+    when the rollout backend is SGLang, else 0."""
+    if given is not None:
+        return given
+    if cfg.rollout.backend == "sglang":
+        return float(cfg.rollout.engine_kwargs.get("mem_fraction_static", 0.0))
+    return 0.0
+
+
 def run_checks(args: argparse.Namespace) -> list[CheckResult]:
     """Run every check; a failure is recorded (not raised) so that all problems are reported at once."""
     from megatron_vgpo.config import load_config
@@ -233,8 +244,9 @@ def run_checks(args: argparse.Namespace) -> list[CheckResult]:
         from megatron_vgpo.launch.planner import option_from_plan
 
         gpu_bytes = min(b for _, b in devices)
-        plan = plan_layout(hf_cfg, tp, pp, world // (tp * pp), micro_batch_tokens=args.micro_batch_tokens)
-        opt = option_from_plan(plan, gpu_bytes, int(args.colocate_sglang_fraction * gpu_bytes),
+        tokens = args.micro_batch_tokens or cfg.trainer.micro_batch_tokens
+        plan = plan_layout(hf_cfg, tp, pp, world // (tp * pp), micro_batch_tokens=tokens)
+        opt = option_from_plan(plan, gpu_bytes, int(sglang_fraction(cfg, args.colocate_sglang_fraction) * gpu_bytes),
                                int(args.reserve_gib * 1024**3))
         need = opt.need_bytes_distributed
         record("gpu memory", lambda: check_gpu_memory(need, devices, args.nproc_per_node,
@@ -244,7 +256,7 @@ def run_checks(args: argparse.Namespace) -> list[CheckResult]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    from megatron_vgpo.launch.planner import DEFAULT_MICRO_BATCH_TOKENS, DEFAULT_RESERVE_GIB
+    from megatron_vgpo.launch.planner import DEFAULT_RESERVE_GIB
 
     p = argparse.ArgumentParser(prog="python -m megatron_vgpo.launch.preflight",
                                 description=__doc__.split("\n\n")[0])
@@ -257,8 +269,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the master")
     p.add_argument("--skip-master-check", action="store_true")
     p.add_argument("--ckpt", default="", help="Megatron checkpoint the job will load (checked to exist)")
-    p.add_argument("--micro-batch-tokens", type=int, default=DEFAULT_MICRO_BATCH_TOKENS)
-    p.add_argument("--colocate-sglang-fraction", type=float, default=0.0)
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="default: trainer.micro_batch_tokens")
+    p.add_argument("--colocate-sglang-fraction", type=float, default=None,
+                   help="default: rollout.engine_kwargs.mem_fraction_static with the SGLang backend, else 0")
     p.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB)
     p.add_argument("config", help="the job's YAML config")
     p.add_argument("overrides", nargs="*", help="the job's key=value overrides")

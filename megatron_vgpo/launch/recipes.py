@@ -199,25 +199,35 @@ class ChainPaths:
     """Where the chain reads and writes (paths as the jobs see them)."""
 
     hf_dir: str  # source HF folder (import reads it; training starts from it)
-    ckpt: str  # Megatron checkpoint written by import (and, once the RL loop saves, by training)
+    ckpt: str  # Megatron checkpoint written by import
     export_dir: str  # HF folder written by export
+    trained_ckpt: str | None = None  # what export reads; default: see :func:`chain_tasks`
+
+
+def trains_and_saves(cfg: TrainConfig) -> bool:
+    """True when the job takes RL steps and writes checkpoints (``RUN_DIR/checkpoints``)."""
+    return cfg.trainer.steps > 0 and cfg.trainer.save_every > 0
 
 
 def chain_tasks(cfg: TrainConfig, base_config: str | Path, paths: ChainPaths, *, import_tp: int = 1,
                 import_pp: int = 1, export_tp: int | None = None, export_pp: int | None = None,
                 config_path: str | None = None, repo_dir: str | Path = REPO_ROOT,
                 env: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
-    """``[(name, run.Script)]`` for import -> train -> export. Training starts from ``paths.hf_dir``
-    (``model.hf_dir`` is set to it). Export reads ``paths.ckpt``: today that is the imported checkpoint, since
-    the job does not write Megatron checkpoints until the RL loop lands. The conversions launch their own
-    ranks: import writes at ``import_tp`` x ``import_pp``, export loads at ``export_tp`` x ``export_pp``
-    (default: the import's layout; a distributed checkpoint loads at any layout)."""
+    """``[(name, run.Script)]`` for import -> train -> export.
+
+    Training starts from ``paths.hf_dir`` (``model.hf_dir`` is set to it). Export reads
+    ``paths.trained_ckpt``, by default the job's ``RUN_DIR/checkpoints`` (its ``latest``) when the job trains and
+    saves, else the imported checkpoint. The conversions launch their own ranks: import writes at
+    ``import_tp`` x ``import_pp``, export loads at ``export_tp`` x ``export_pp`` (default: the import's layout;
+    a distributed checkpoint loads at any layout).
+    """
     train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_dir=paths.hf_dir))
+    source = paths.trained_ckpt or (f"{cfg.run_dir}/checkpoints" if trains_and_saves(cfg) else paths.ckpt)
     return [
         ("import", convert_script("import", ["--hf-dir", paths.hf_dir, "--out", paths.ckpt, "--tp", str(import_tp),
                                              "--pp", str(import_pp)], repo_dir=repo_dir, env=env)),
         ("train", train_script(train_cfg, base_config, config_path=config_path, env=env)),
-        ("export", convert_script("export", ["--ckpt", paths.ckpt, "--out", paths.export_dir,
+        ("export", convert_script("export", ["--ckpt", source, "--out", paths.export_dir,
                                              "--tp", str(export_tp or import_tp), "--pp", str(export_pp or import_pp)],
                                   repo_dir=repo_dir, env=env)),
     ]
@@ -267,4 +277,5 @@ __all__ = [
     "slurm_executor",
     "train_args",
     "train_script",
+    "trains_and_saves",
 ]
