@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -71,8 +72,9 @@ def test_chain_tasks_commands():
     assert sorted(train[4:]) == ["model.dtype=bfloat16", "model.hf_dir=/models/32b", "parallel.pp=2", "parallel.tp=8"]
     assert tasks["export"].args == ["export", "--ckpt", "/results/ckpt", "--out", "/results/hf_out", "--tp", "8",
                                     "--pp", "1"]
-    with pytest.raises(recipes.RecipeError, match="whitespace or quotes"):
-        recipes.check_shell_safe(recipes.train_args(load_config(TINY, ["run_dir=/a b"]), TINY))
+    odd = load_config(TINY, ["run_dir=/a b", "data.train_files=[/d/t.parquet]", "data.val_files=[/d/v.parquet]"])
+    plain = recipes.train_script(odd, TINY).to_command(with_entrypoint=True)
+    assert "run_dir=/a b" in plain and "data.train_files=[/d/t.parquet]" in plain  # quoting is NeMo-Run's job
 
 
 def test_recipes_refuse_worlds_the_layout_cannot_use():
@@ -266,15 +268,19 @@ def test_nemo_run_reports_a_failed_job(tmp_path: Path):
 
 
 def test_slurm_dryrun_renders_32b_on_4_nodes(tmp_path: Path):
-    args = [sys.executable, str(REPO / "cluster/nemo_run/slurm.py"), str(TINY),
-            "model.hf_dir=/models/Qwen2.5-VL-32B-Instruct", "model.dtype=bfloat16", "parallel.tp=8", "parallel.pp=2",
-            "run_dir=/results/vgpo_32b", "--nodes", "4", "--gpus-per-node", "8", "--account", "vlm-research",
-            "--partition", "batch", "--time", "06:00:00", "--image", "nvcr.io/acme/megatron-vgpo:0.1",
-            "--mount", "/lustre/models:/models", "--mount", "/lustre/results:/results",
-            "--job-dir", str(tmp_path / "jobs"),
-            "--container-config", "/workspace/megatron_vgpo/examples/tiny_cpu.yaml",
-            "--plan-model", "qwen2.5-vl-32b", "--gpu-mem-gib", "80", "--dryrun"]
-    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    """The paper's 32B config on 4 nodes x 8 GPUs (TP8 x PP2 x DP2), rendered by NeMo-Run without submitting."""
+    base = REPO / "examples/qwen2_5_vl_32b_virl39k_vgpo.yaml"
+    overrides = ["model.hf_dir=/models/Qwen2.5-VL-32B-Instruct", "run_dir=/results/vgpo 32b",
+                 "data.train_files=[/data/virl39k/train.parquet]", "data.val_files=[/data/mmk12/test.parquet]",
+                 "parallel.tp=8", "parallel.pp=2"]
+    options = ["--nodes", "4", "--gpus-per-node", "8", "--account", "vlm-research", "--partition", "batch",
+               "--time", "06:00:00", "--image", "nvcr.io/acme/megatron-vgpo:0.1", "--mount", "/lustre/models:/models",
+               "--mount", "/lustre/results:/results", "--job-dir", str(tmp_path / "jobs"),
+               "--container-config", "/workspace/megatron_vgpo/examples/qwen2_5_vl_32b_virl39k_vgpo.yaml",
+               "--plan-model", "qwen2.5-vl-32b", "--gpu-mem-gib", "80", "--dryrun"]
+    driver = [sys.executable, str(REPO / "cluster/nemo_run/slurm.py"), str(base)]
+    proc = subprocess.run([*driver, *overrides, *options], capture_output=True, text=True, env=_env(), timeout=300,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plan: TP8 x PP2 x DP2:" in proc.stdout
     script = proc.stdout.split("=== sbatch train ===")[1].split("=== end train ===")[0]
@@ -286,14 +292,16 @@ def test_slurm_dryrun_renders_32b_on_4_nodes(tmp_path: Path):
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--container-image nvcr.io/acme/megatron-vgpo:0.1" in srun
     assert "--container-mounts /lustre/models:/models,/lustre/results:/results," in srun
-    torchrun = srun[srun.index("torchrun"):]
-    assert "--nnodes 4 --nproc-per-node 8 --node-rank $SLURM_NODEID" in torchrun
-    assert "--rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500" in torchrun
-    job = torchrun[torchrun.index("-m megatron_vgpo.train"):].split()
-    assert job[:3] == ["-m", "megatron_vgpo.train", "/workspace/megatron_vgpo/examples/tiny_cpu.yaml"]
-    assert sorted(job[3:]) == sorted(["run_dir=/results/vgpo_32b", "model.hf_dir=/models/Qwen2.5-VL-32B-Instruct",
-                                      "model.dtype=bfloat16", "parallel.tp=8", "parallel.pp=2"])
+    torchrun = shlex.split(srun[srun.index("torchrun"):])  # what the shell will pass to torchrun
+    assert " ".join(torchrun[:15]) == ("torchrun --rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500 --rdzv-id "
+                                       f"{torchrun[6]} --nnodes 4 --nproc-per-node 8 --node-rank $SLURM_NODEID "
+                                       "--tee 3")
+    job = torchrun[torchrun.index("-m"):]
+    container_config = "/workspace/megatron_vgpo/examples/qwen2_5_vl_32b_virl39k_vgpo.yaml"
+    assert job[:3] == ["-m", "megatron_vgpo.train", container_config]
+    assert set(overrides[:4]) <= set(job[3:]) <= set(overrides)  # only the keys that differ from the base YAML
+    assert load_config(base, job[3:]) == load_config(base, overrides)
     # a layout that does not fit is refused before anything is rendered
-    bad = subprocess.run([*args[:5], "parallel.tp=1", "parallel.pp=1", "parallel.sp=false", *args[7:]],
+    bad = subprocess.run([*driver, *overrides, "parallel.tp=1", "parallel.pp=1", "parallel.sp=false", *options],
                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "TP1 x PP1 x DP32 needs" in bad.stderr and "=== sbatch" not in bad.stdout

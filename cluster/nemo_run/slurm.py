@@ -11,7 +11,8 @@ The job command comes from the typed config (``megatron_vgpo.launch.recipes``): 
 container sees it (``--container-config``, default the given path) plus the overrides that differ from it.
 Before anything is rendered, the world size is checked against ``parallel.tp x parallel.pp`` and, with
 ``--plan-model``/``--gpu-mem-gib``, the layout is checked against the planner's memory per GPU. ``--dryrun``
-prints each task's sbatch script (between ``=== sbatch TASK ===`` lines) and submits nothing.
+prints each task's sbatch script (between ``=== sbatch TASK ===`` lines) and submits nothing. NeMo-Run
+shell-quotes arguments in the ``srun`` line, so list and spaced values survive.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_memory(cfg, args: argparse.Namespace) -> str | None:
-    """With --plan-model and --gpu-mem-gib: the planner's verdict on the config's layout, or None."""
+    """With --plan-model and --gpu-mem-gib: the planner's verdict on the config's layout (with its
+    ``trainer.micro_batch_tokens`` and colocated SGLang share), or None."""
     if not (args.plan_model and args.gpu_mem_gib):
         return None
     from megatron_vgpo.launch.planner import plan_cluster, resolve_model
+    from megatron_vgpo.launch.preflight import sglang_fraction
 
     hf_cfg, label = resolve_model(args.plan_model)
-    plan = plan_cluster(hf_cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gib, name=label)
+    plan = plan_cluster(hf_cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gib, name=label,
+                        micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                        colocate_sglang_fraction=sglang_fraction(cfg, None))
     option = plan.option(cfg.parallel.tp, cfg.parallel.pp)
     if not option.fits_distributed:
         raise SystemExit(f"TP{option.tp} x PP{option.pp} x DP{option.dp} needs "
@@ -92,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
                                     config_path=args.container_config, repo_dir=args.repo_dir)
     else:
         tasks = [("train", recipes.train_script(cfg, base, config_path=args.container_config))]
-    for _, script in tasks:
-        recipes.check_shell_safe(script.args)
     with run.Experiment(args.title, base_dir=args.job_dir, log_level="WARN") as exp:
         for name, script in tasks:
             if name == "train":

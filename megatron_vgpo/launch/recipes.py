@@ -84,20 +84,15 @@ def train_args(cfg: TrainConfig, base_config: str | Path, *, config_path: str | 
 
 def train_script(cfg: TrainConfig, base_config: str | Path, *, config_path: str | None = None,
                  env: Mapping[str, str] | None = None) -> Any:
-    """``run.Script`` of the training job (``python -m megatron_vgpo.train CONFIG key=value ...``)."""
+    """``run.Script`` of the training job (``python -m megatron_vgpo.train CONFIG key=value ...``).
+
+    Arguments are given as they are: NeMo-Run 0.11.1 shell-quotes them itself where it writes a shell line
+    (the Slurm ``srun`` line), so values with spaces or brackets survive (tested).
+    """
     import nemo_run as run
 
     return run.Script(path="megatron_vgpo.train", args=train_args(cfg, base_config, config_path=config_path),
                       entrypoint="python", m=True, env=dict(env or {}))
-
-
-def check_shell_safe(args: Sequence[str]) -> None:
-    """Refuse arguments with whitespace or quotes: NeMo-Run joins a Slurm task's arguments into the sbatch
-    script's ``srun`` line without quoting, so such a value would be split by the shell."""
-    bad = [a for a in args if any(c in a for c in " \t\n'\"")]
-    if bad:
-        raise RecipeError(f"arguments {bad} contain whitespace or quotes, which NeMo-Run's sbatch rendering does "
-                          "not quote; put such values in the YAML config instead")
 
 
 def check_world(cfg: TrainConfig, nodes: int, nproc_per_node: int) -> None:
@@ -264,7 +259,6 @@ __all__ = [
     "ChainPaths",
     "RecipeError",
     "chain_tasks",
-    "check_shell_safe",
     "check_world",
     "config_overrides",
     "convert_script",
