@@ -56,7 +56,8 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
     Without dynamic sampling one batch of ``trainer.prompts_per_step`` prompts is used as is. With it (DAPO),
     only groups whose mean reward lies strictly inside ``algorithm.accuracy_bounds`` are kept, and new
     batches are drawn until ``prompts_per_step`` groups are kept (truncated exactly) or
-    ``algorithm.max_sampling_rounds`` rounds have run (then the step trains on what was kept).
+    ``algorithm.max_sampling_rounds`` rounds have run (then the step trains on what was kept; ``<= 0`` means
+    no limit, as in DAPO, and as ``DynamicSamplingBuffer`` reads it).
     """
     rc, alg, target = cfg.rollout, cfg.algorithm, cfg.trainer.prompts_per_step
     params = SamplingParams(n=rc.n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens,
@@ -93,7 +94,7 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
                 out.responses.append(list(outputs[k].response_ids))
                 out.rewards.append(float(rewards[k]))
             kept_groups += 1
-        if not alg.uses_dynamic_sampling or rounds >= max(alg.max_sampling_rounds, 1):
+        if not alg.uses_dynamic_sampling or 0 < alg.max_sampling_rounds <= rounds:
             break
     rewards_t = torch.tensor(all_rewards)
     out.metrics = {

@@ -22,8 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def sft_target(answer: str) -> str:
-    """The supervised response for a gold ``answer`` (the VGPO format: reasoning in think tags, then a box)."""
-    return f"<think>\nThe answer is {answer}.\n</think>\n\\boxed{{{answer}}}"
+    """The supervised response for a gold ``answer``: just the boxed answer, so the token-mean loss is not
+    diluted by a reasoning stub around the one token that matters; RL then learns whatever text the reward
+    allows around the box. (On the default synthetic task the tiny model has not yet been seen to learn the
+    count itself by SFT alone: NLL stayed at chance for 800 steps with this target and for 1000 steps with a
+    16-token reasoning stub; see the open default-job issue.)"""
+    return f"\\boxed{{{answer}}}"
 
 
 def sft_step(actor: Any, prompts: Sequence[Any], answers: Sequence[str], tokenizer: Any, cfg: TrainConfig, *,
