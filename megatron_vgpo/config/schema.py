@@ -130,7 +130,9 @@ class AlgorithmConfig:
     """Policy optimisation. ``name``: ``grpo`` (group-normalised outcome advantages, PPO clip), ``dapo``
     (+ dynamic sampling and clip-higher, i.e. the settings below), ``vgpo`` (DAPO + VGPO re-weighting with
     ``vgpo``). Switching ``name`` alone changes nothing else, so ``algorithm.name=grpo`` vs ``vgpo`` is a
-    controlled comparison; ``grpo`` turns dynamic sampling off unless ``dynamic_sampling`` is set."""
+    controlled comparison; ``grpo`` turns dynamic sampling off unless ``dynamic_sampling`` is set.
+    ``max_sampling_rounds`` bounds the rollout batches drawn per step to fill it (``<= 0``: no limit, as
+    in DAPO)."""
 
     name: Literal["grpo", "dapo", "vgpo"] = "vgpo"
     estimator: Literal["grpo", "drgrpo"] = "grpo"
