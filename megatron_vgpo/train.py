@@ -83,16 +83,15 @@ def run(cfg: TrainConfig) -> dict | None:
     import torch
     import torch.distributed as dist
 
+    from megatron_vgpo.distributed.process_groups import init_torch_distributed
     from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
 
-    if needs_actor(cfg) and not launched_by_torchrun() and cfg.parallel.tp * cfg.parallel.pp > 1:
+    distributed = launched_by_torchrun()
+    if needs_actor(cfg) and not distributed and cfg.parallel.tp * cfg.parallel.pp > 1:
         return _relaunch_under_torchrun(cfg)
     started = time.monotonic()
     run_dir = Path(cfg.run_dir)
-    distributed = launched_by_torchrun()
     if distributed:
-        from megatron_vgpo.distributed.process_groups import init_torch_distributed
-
         init_torch_distributed()
         world, par = dist.get_world_size(), cfg.parallel
         if world % (par.tp * par.pp) != 0:
@@ -112,7 +111,6 @@ def run(cfg: TrainConfig) -> dict | None:
 
     parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
     if needs_actor(cfg):
-        from megatron_vgpo.distributed.process_groups import init_torch_distributed
         from megatron_vgpo.trainer.job import train_job
 
         init_torch_distributed()  # a world of one when not under torchrun
@@ -129,12 +127,11 @@ def run(cfg: TrainConfig) -> dict | None:
 def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files: list[Path],
                             parity: dict, started: float) -> dict:
     """Rank 0: load the datasets (bad rows counted), greedy validation accuracy, metrics, ``summary.json``."""
-    import torch
     from transformers import AutoProcessor
 
     from megatron_vgpo.reward import RewardGrader
-    from megatron_vgpo.rollout.hf_backend import HFRolloutEngine
     from megatron_vgpo.trainer.evaluate import evaluate_greedy
+    from megatron_vgpo.trainer.job import make_engine, write_summary
     from megatron_vgpo.trainer.metrics import MetricsLogger
     from megatron_vgpo.trainer.prepare import load_datasets
 
@@ -144,8 +141,7 @@ def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Pa
 
     val = datasets["val"]
     val_samples = [val[i] for i in range(min(cfg.validation.num_samples, len(val)))]
-    dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
-    engine = HFRolloutEngine(hf_dir, dtype=dtype)
+    engine = make_engine(cfg, hf_dir, backend="hf")
     tokenizer = processor.tokenizer
     with MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                        config=to_dict(cfg)) as metrics, RewardGrader(num_workers=2, timeout_s=10.0) as grader:
@@ -161,19 +157,11 @@ def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Pa
 
     summary = {
         "val_accuracy_before": result.accuracy,
-        "val_accuracy_after": result.accuracy,  # no training steps in this release
+        "val_accuracy_after": result.accuracy,  # trainer.steps = 0: nothing trained
         "steps": 0,
-        "wall_seconds": round(time.monotonic() - started, 2),
-        "model_dir": str(hf_dir),
-        "train_prompts": len(datasets["train"]),
-        "val_prompts": len(val),
-        "skipped_rows": {split: dict(ds.skipped) for split, ds in datasets.items()},
         "val_boxed_fraction": result.boxed_fraction,
-        "megatron_parity": parity,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.info("wrote %s", run_dir / "summary.json")
-    return summary
+    return write_summary(run_dir, summary, started=started, hf_dir=hf_dir, datasets=datasets, parity=parity)
 
 
 PARITY_TOLERANCE = 1e-4  # fp32 max abs diff of logits and final-norm hidden states

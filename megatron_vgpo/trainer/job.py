@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron_vgpo.config import TrainConfig, to_dict
@@ -48,7 +49,19 @@ def make_engine(cfg: TrainConfig, model_dir: Path, backend: str | None = None) -
                 raise
             logger.warning("SGLang engine could not start (%s: %s); using the transformers backend",
                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-    return HFRolloutEngine(model_dir)
+    return HFRolloutEngine(model_dir, dtype=torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any], *, started: float, hf_dir: Path, datasets: dict,
+                  parity: dict) -> dict[str, Any]:
+    """Add the fields every run reports (wall time, model, dataset sizes and skipped rows, Megatron parity)
+    to ``summary`` and write it to ``RUN_DIR/summary.json``; returns it."""
+    summary.update(wall_seconds=round(time.monotonic() - started, 2), model_dir=str(hf_dir),
+                   train_prompts=len(datasets["train"]), val_prompts=len(datasets["val"]),
+                   skipped_rows={k: dict(v.skipped) for k, v in datasets.items()}, megatron_parity=parity)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info("wrote %s", run_dir / "summary.json")
+    return summary
 
 
 def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files: list[Path], parity: dict,
@@ -144,12 +157,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         metrics.close()
     if not rank0:
         return None
-    summary.update(wall_seconds=round(time.monotonic() - started, 2), model_dir=str(hf_dir),
-                   train_prompts=len(train_ds), val_prompts=len(val_ds),
-                   skipped_rows={k: dict(v.skipped) for k, v in datasets.items()}, megatron_parity=parity)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.info("wrote %s", run_dir / "summary.json")
-    return summary
+    return write_summary(run_dir, summary, started=started, hf_dir=hf_dir, datasets=datasets, parity=parity)
 
 
 def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> None:
