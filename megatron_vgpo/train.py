@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -51,9 +52,14 @@ def needs_actor(cfg: TrainConfig) -> bool:
 
 
 def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
-    """Run this job under ``torchrun`` with ``tp * pp`` processes on this machine; return its summary."""
-    import subprocess
+    """Run this job under ``torchrun`` with ``tp * pp`` processes on this machine; return its summary.
 
+    The torchrun agent and its ranks end with this process, even when it is killed with ``SIGKILL`` (see
+    :mod:`megatron_vgpo.distributed.lifecycle`). ``SIGINT`` / ``SIGTERM`` received here are forwarded to the
+    agent, which stops its ranks; once it has exited the signal takes its usual effect here
+    (``KeyboardInterrupt`` for Ctrl-C). A second signal kills the agent outright (its ranks follow).
+    """
+    from megatron_vgpo.distributed.lifecycle import child_env, torchrun_command
     from megatron_vgpo.distributed.multiprocess import find_free_port
 
     run_dir = Path(cfg.run_dir)
@@ -61,14 +67,49 @@ def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
     resolved = run_dir / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     world = cfg.parallel.tp * cfg.parallel.pp
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-               "--master-port", str(find_free_port()), "-m", "megatron_vgpo.train", str(resolved)]
+    command = torchrun_command(["--nproc-per-node", str(world), "--master-port", str(find_free_port()),
+                                "-m", "megatron_vgpo.train", str(resolved)])
     logger.info("launching %d ranks: %s", world, " ".join(command))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    status = subprocess.run(command, env=env, check=False).returncode
+    env = child_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    status, received = _run_forwarding_signals(command, env)
+    if received is not None:
+        logger.warning("stopped by %s (the ranks exited with status %s)", signal.Signals(received).name, status)
+        signal.raise_signal(received)  # the previous handler is back: default action or KeyboardInterrupt
     if status != 0:
         raise RuntimeError(f"the {world} training ranks failed (exit status {status}); see {run_dir / 'train.log'}")
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run ``command`` in a session of its own (so a terminal's Ctrl-C reaches it once, through here) and wait,
+    forwarding ``SIGINT``/``SIGTERM`` to it (a repeated signal sends ``SIGKILL``). Returns its exit status and
+    the first signal received (None if none); the previous signal handlers are restored before returning."""
+    import subprocess
+    import threading
+
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum if len(received) == 1 else signal.SIGKILL)
+
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGINT in a shell's background job
+                previous[sig] = signal.signal(sig, forward)
+    try:
+        status = child.wait()
+    except BaseException:
+        child.kill()  # e.g. an exception from elsewhere: never leave the agent behind
+        child.wait()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status, (received[0] if received else None)
 
 
 def run(cfg: TrainConfig) -> dict | None:
@@ -214,6 +255,11 @@ def megatron_parity_check(hf_dir: Path, cfg: TrainConfig, *, in_process: bool = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``megatron-vgpo train``: load the config, run the job, print the summary (rank 0); returns the exit code."""
+    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # a torchrun worker: never outlive the agent
+        from megatron_vgpo.distributed.lifecycle import die_with_parent
+
+        die_with_parent()
     parser = argparse.ArgumentParser(prog="megatron-vgpo train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config, e.g. examples/tiny_cpu.yaml")

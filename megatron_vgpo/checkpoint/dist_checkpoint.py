@@ -453,20 +453,41 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def restore_replaced_dir(final: Path, old: Path) -> bool:
+    """Undo a :func:`replace_dir` that stopped between its two renames: when ``final`` is missing and ``old``
+    (the previous folder, complete) exists, rename ``old`` back to ``final``. Returns whether it did."""
+    if final.exists() or not old.is_dir():
+        return False
+    os.rename(old, final)
+    _fsync_dir(final.parent)
+    logger.warning("restored %s from %s (a replacement was interrupted)", final, old.name)
+    return True
+
+
+def replace_dir(new: Path, final: Path, old: Path) -> None:
+    """Put the complete folder ``new`` in place of ``final`` so that a crash at any point leaves one complete
+    folder: ``final`` is renamed to ``old``, ``new`` to ``final``, then ``old`` is removed.
+
+    A crash between the two renames leaves ``final`` missing and ``old`` complete; the next call (or
+    :func:`restore_replaced_dir`) renames it back first. A leftover ``old`` next to a ``final`` (a crash
+    before the removal) is removed. Single process: call it on one rank.
+    """
+    restore_replaced_dir(final, old)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    _publish(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _finalize(root: Path, tmp: Path, final: Path, meta: CheckpointMetadata) -> None:
-    """Rank 0: metadata into the temporary folder, rename it into place, then move ``latest``."""
+    """Rank 0: metadata into the temporary folder, swap it into place (an existing ``final`` only with
+    ``overwrite=True``, checked by every rank), then move ``latest``."""
     _write_file_atomic(tmp / META_FILE, json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     _fsync_dir(tmp)
-    trash = None
-    if final.exists():  # overwrite=True was checked by every rank
-        trash = root / f"{TRASH_PREFIX}{final.name}"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.rename(final, trash)
-    _publish(tmp, final)
+    replace_dir(tmp, final, root / f"{TRASH_PREFIX}{final.name}")
     _write_file_atomic(root / LATEST_FILE, final.name + "\n")
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,6 +597,8 @@ __all__ = [
     "load_checkpoint",
     "read_latest",
     "read_metadata",
+    "replace_dir",
     "resolve_checkpoint",
+    "restore_replaced_dir",
     "save_checkpoint",
 ]

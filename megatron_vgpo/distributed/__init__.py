@@ -6,6 +6,8 @@ Modules (imported explicitly; this package imports nothing heavy by itself):
   (``init_model_parallel``, ``current_layout``, ``destroy``).
 * :mod:`.multiprocess` -- ``run_on_ranks``: one function on N real spawned processes, per-rank tracebacks
   (the multi-rank test harness, also used by tools that launch their own ranks).
+* :mod:`.lifecycle` -- no process outlives its launcher: Linux parent-death signals for the torchrun agent
+  (``torchrun_command``) and its ranks (``die_with_parent``), even when the launcher is killed with SIGKILL.
 * :mod:`.focus` -- VGPO focus cosines from final-norm hidden states sharded as Megatron shards them
   (sequence parallel, hidden split, context parallel): all-reduced partial sums, never an all-gather of
   hidden states.

@@ -107,6 +107,11 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     summary: dict[str, Any] = {}
     try:
         sft_dir = run_dir / "sft_model"
+        if rank0:  # an export interrupted between its renames left the previous folder as sft_model.old
+            from megatron_vgpo.checkpoint.dist_checkpoint import restore_replaced_dir
+
+            restore_replaced_dir(sft_dir, _previous_dir(sft_dir))
+        dist.barrier()
         resuming = cfg.trainer.resume and (run_dir / "checkpoints" / "latest").is_file()
         if cfg.sft.enabled and not (sft_dir / "config.json").is_file() and not resuming:
             actor = MegatronActor(hf_dir, _actor_config(cfg, lr=cfg.sft.lr, warmup=cfg.sft.warmup_steps,
@@ -160,11 +165,18 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     return write_summary(run_dir, summary, started=started, hf_dir=hf_dir, datasets=datasets, parity=parity)
 
 
+def _previous_dir(out_dir: Path) -> Path:
+    """Where :func:`_export_hf` keeps the previous ``out_dir`` while the new one is renamed into place."""
+    return out_dir.with_name(out_dir.name + ".old")
+
+
 def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> None:
     """Write the actor's weights as an HF folder (tokenizer/processor copied from ``template_dir``), atomically:
-    into ``out_dir.tmp`` then renamed (collective)."""
+    into ``out_dir.tmp``, then swapped in with ``out_dir.old`` holding the previous folder until the new one is
+    in place, so a crash always leaves one complete folder (collective)."""
     import shutil
 
+    from megatron_vgpo.checkpoint.dist_checkpoint import replace_dir
     from megatron_vgpo.rollout.sync_disk import write_hf_weights_folder
     from megatron_vgpo.trainer.weight_export import iter_model_weights_to_rank
 
@@ -173,8 +185,7 @@ def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> No
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         write_hf_weights_folder(weights, tmp, template_dir=template_dir, bucket_bytes=1 << 30)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir, _previous_dir(out_dir))
     else:
         for _ in weights:
             pass
