@@ -22,7 +22,9 @@ from megatron_vgpo.launch import preflight, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples/tiny_cpu.yaml"
-SMALL_JOB = ["data.synthetic.num=40", "validation.num_samples=4", "validation.max_new_tokens=4"]
+# the default job trains (SFT + RL); these tests run its evaluation-only form unless they add RL steps
+SMALL_JOB = ["data.synthetic.num=40", "validation.num_samples=4", "validation.max_new_tokens=4", "sft.enabled=false",
+             "trainer.steps=0"]
 
 
 def _env() -> dict[str, str]:
@@ -45,7 +47,7 @@ def _free_port() -> int:
 def test_overrides_are_exactly_the_changed_keys_and_rebuild_the_config():
     changes = ["run_dir=/results/x y", "parallel.tp=8", "parallel.pp=2", "model.hf_dir=/models/m",
                "data.synthetic.tasks=[count_red, compare]", "logging.wandb_project=null", "logging.tensorboard=false",
-               "data.min_pixels=3136", "validation.max_new_tokens=48"]  # the last equals the YAML's value
+               "data.min_pixels=3136", "validation.max_new_tokens=24"]  # the last equals the YAML's value
     cfg = load_config(TINY, changes)
     overrides = recipes.config_overrides(cfg, TINY)
     assert sorted(overrides) == sorted([

@@ -205,3 +205,26 @@ def test_disk_folder_and_flat_bucket_roundtrip(small_hf_dir: Path, tmp_path: Pat
     assert flat.dtype == torch.uint8 and flat.numel() == 3 * 5 * 4 + 7 * 2 + 4 * 8
     for (name, tensor), (name2, view) in zip(mixed, unflatten_bucket(flat, metadata)):
         assert name == name2 and view.dtype == tensor.dtype and torch.equal(view, tensor)
+
+
+def test_sampled_vision_markers_are_cut_off(engine: HFRolloutEngine):
+    """A policy can sample ``<|image_pad|>`` & co.; :func:`cut_before_tokens` keeps the prefix before the first
+    one (tokens and log-probs of the real sample), so the actor never sees a response that reads as an image."""
+    from megatron_vgpo.models.tokenizers import special_token_ids
+    from megatron_vgpo.rollout.base import cut_before_tokens
+
+    ids = special_token_ids(engine.tokenizer)
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    assert ids.vision_markers == tuple(engine.tokenizer.convert_tokens_to_ids(names))
+
+    request = RolloutRequest("a", prompt_text=_chat(engine, "How many?", 1), images=[_image("red")])
+    outputs = engine.generate([request], SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=3))
+    originals = [(list(o.response_ids), o.logprobs.clone(), o.finish_reason) for o in outputs]
+    stop = {originals[0][0][4], ids.image_pad}  # a token sample 0 surely holds, and the image pad
+    cut = [cut_before_tokens(o, stop) for o in outputs]
+    assert cut[0] and outputs[0].response_ids == originals[0][0][: originals[0][0].index(originals[0][0][4])]
+    for o, was_cut, (tokens, logprobs, reason) in zip(outputs, cut, originals):
+        kept = len(o.response_ids)
+        assert not stop & set(o.response_ids) and o.response_ids == tokens[:kept]
+        assert torch.equal(o.logprobs, logprobs[:kept])
+        assert was_cut == (kept < len(tokens)) and o.finish_reason == ("length" if was_cut else reason)

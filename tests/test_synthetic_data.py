@@ -152,7 +152,7 @@ def test_answers_are_readable_from_the_pixels(difficulty: str) -> None:
 
 
 def test_count_red_is_uniform_and_the_question_carries_no_answer() -> None:
-    examples = generate_examples(600, seed=3)
+    examples = generate_examples(600, seed=3, tasks=("count_red",))
     counts = collections.Counter(example.answer for example in examples)
     assert sorted(counts) == ["1", "2", "3", "4", "5", "6"]
     assert all(0.12 < n / len(examples) < 0.22 for n in counts.values()), counts
@@ -163,7 +163,7 @@ def test_count_red_is_uniform_and_the_question_carries_no_answer() -> None:
 def test_difficulty_adds_distractors() -> None:
     def mean_distractors(difficulty: str) -> float:
         totals = []
-        for example in generate_examples(40, seed=5, difficulty=difficulty):
+        for example in generate_examples(40, seed=5, tasks=("count_red",), difficulty=difficulty):
             rgb = pixels(example.image)
             coloured = rgb.sum(axis=-1) < 700  # not white background
             totals.append(connected_components(coloured & ~red_mask(rgb)))
@@ -230,3 +230,13 @@ def test_bad_arguments_are_rejected() -> None:
         register_task("count_red")(lambda rng, difficulty, size: None)  # type: ignore[arg-type,return-value]
     with pytest.raises(ValueError, match="test_fraction"):
         make_synthetic_splits("/nonexistent", 4, seed=0, test_fraction=1.0)
+
+
+def test_bar_count_taller_answers_are_uniform() -> None:
+    """The default task's counts are uniform over 0..5 (chance 1/6), so answering the most common count
+    scores no better than chance: a gain over 1/6 means the image is being read."""
+    from collections import Counter
+
+    counts = Counter(int(e.answer) for e in generate_examples(1200, seed=21, tasks=("bar_count_taller",)))
+    assert set(counts) == set(range(6))
+    assert max(counts.values()) / 1200 < 0.2 and min(counts.values()) / 1200 > 0.13, counts

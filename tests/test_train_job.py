@@ -14,13 +14,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL_ONLY = ["sft.enabled=false", "trainer.steps=0"]  # the default job's evaluation-only form (no actor)
 
 
 def test_default_job_runs_and_writes_summary(tmp_path: Path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "megatron_vgpo.train", str(REPO / "examples/tiny_cpu.yaml"),
                f"run_dir={run_dir}", "data.synthetic.num=40", "validation.num_samples=6",
-               "validation.max_new_tokens=6", "validation.batch_size=4"]
+               "validation.max_new_tokens=6", "validation.batch_size=4", *EVAL_ONLY]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,7 +50,7 @@ def test_job_under_torchrun_two_ranks(tmp_path: Path):
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m",
                "megatron_vgpo.train", str(REPO / "examples/tiny_cpu.yaml"), f"run_dir={run_dir}",
-               "data.synthetic.num=20", "validation.num_samples=2", "validation.max_new_tokens=3"]
+               "data.synthetic.num=20", "validation.num_samples=2", "validation.max_new_tokens=3", *EVAL_ONLY]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,7 +81,7 @@ def test_job_reports_skipped_rows(tmp_path: Path):
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(paths["train"])), broken)
     cfg = load_config(REPO / "examples/tiny_cpu.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.train_files=[{broken}]", f"data.val_files=[{paths['test']}]",
-        "validation.num_samples=2", "validation.max_new_tokens=4", "parallel.tp=1", "parallel.sp=false"])
+        "validation.num_samples=2", "validation.max_new_tokens=4", "parallel.tp=1", "parallel.sp=false", *EVAL_ONLY])
     summary = run(cfg)
     assert summary["train_prompts"] == len(table) - 2
     assert sum(summary["skipped_rows"]["train"].values()) == 2

@@ -6,7 +6,7 @@ The files follow the RL schema of ViRL39K / Geo3K / MMK12 (``problem`` with an `
 
 Example::
 
-    python tools/make_synthetic_data.py --out data/count_red --num 4000 --seed 0
+    python tools/make_synthetic_data.py --out data/bar_count_taller --num 4000 --seed 0
     python tools/make_synthetic_data.py --out data/mix --num 2000 --seed 1 \\
         --task count_red,bar_tallest,angle_choice --difficulty hard --test-fraction 0.2
 """

@@ -32,7 +32,7 @@ class ModelConfig:
 class SyntheticDataConfig:
     """Generated visual-reasoning problems (``tools/make_synthetic_data.py``) written to ``RUN_DIR/data``."""
 
-    tasks: list[str] = field(default_factory=lambda: ["count_red"])
+    tasks: list[str] = field(default_factory=lambda: ["bar_count_taller"])
     num: int = 2000
     test_fraction: float = 0.1
     seed: int = 0

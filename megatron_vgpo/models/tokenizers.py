@@ -140,6 +140,12 @@ class SpecialTokenIds:
         """Padding id (``<|endoftext|>``)."""
         return self.endoftext
 
+    @property
+    def vision_markers(self) -> tuple[int, ...]:
+        """The tokens that mark or stand for vision input (start/end, image/video/vision pads). Inside a
+        sampled response they would be read as a new image by the model's position and feature code."""
+        return (self.vision_start, self.vision_end, self.vision_pad, self.image_pad, self.video_pad)
+
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
     """Look up the Qwen2.5-VL special-token ids in ``tokenizer``; ``KeyError`` names any missing token."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,6 +102,21 @@ class RolloutOutput:
     response_ids: list[int]
     logprobs: torch.Tensor
     finish_reason: FinishReason
+
+
+def cut_before_tokens(output: RolloutOutput, stop_ids: Collection[int]) -> bool:
+    """Truncate ``output`` in place just before its first response token in ``stop_ids``; True if cut.
+
+    What is kept is a prefix of the sampled trajectory, so its log-probs stay on-policy; the sample then
+    ends without an end token, like one cut at the length limit (``finish_reason`` becomes ``"length"``).
+    Used for vision marker tokens, which a policy can sample but which no response may contain."""
+    for position, token in enumerate(output.response_ids):
+        if token in stop_ids:
+            output.response_ids = output.response_ids[:position]
+            output.logprobs = output.logprobs[:position]
+            output.finish_reason = "length"
+            return True
+    return False
 
 
 @dataclass

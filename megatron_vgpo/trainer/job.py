@@ -148,7 +148,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         logger.info("validation before RL: %.3f", val_before)
         sampler = PromptSampler(len(train_ds), cfg.trainer.prompts_per_step, seed=cfg.seed)
         counters = rl_loop(cfg, actor, engine, grader, train_ds, sampler, validate, metrics.log, decode=decode,
-                           **token_ids)
+                           vision_token_ids=ids.vision_markers, **token_ids)
         val_after = validate()
         logger.info("validation after RL: %.3f (before %.3f)", val_after, val_before)
         summary.update(val_accuracy_before=val_before, val_accuracy_after=val_after, steps=counters["steps"],

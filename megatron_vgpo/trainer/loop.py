@@ -24,11 +24,13 @@ logger = logging.getLogger(__name__)
 
 def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: Any, sampler: Any,
             validate: Callable[[], float], log: Callable[[int, dict[str, float]], None], *,
-            decode: Callable[[list[int]], str], pad_token_id: int, image_token_id: int) -> dict[str, Any]:
+            decode: Callable[[list[int]], str], pad_token_id: int, image_token_id: int,
+            vision_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
     """Run ``trainer.steps`` RL steps (continuing after a resumed checkpoint); returns counters.
 
     Checkpoints are written every ``trainer.save_every`` steps once the actor has taken an optimizer step
-    (before that there is nothing to resume but the starting weights)."""
+    (before that there is nothing to resume but the starting weights). Sampled responses are cut before
+    any of ``vision_token_ids`` (see :func:`collect_rollouts`)."""
     tc, rank0 = cfg.trainer, dist.get_rank() == 0
     ckpt_root = Path(cfg.run_dir) / "checkpoints"
     start = 0
@@ -42,7 +44,8 @@ def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: An
     bar = tqdm(total=tc.steps, initial=start, desc="rl", unit="step", disable=not rank0)
     for step in range(start, tc.steps):
         began = time.perf_counter()
-        rollouts = (collect_rollouts(engine, train_ds, sampler.next_batch, grader, decode, cfg, step)
+        rollouts = (collect_rollouts(engine, train_ds, sampler.next_batch, grader, decode, cfg, step,
+                                     vision_token_ids)
                     if rank0 else None)
         rollouts = broadcast_object(rollouts)
         time_rollout = time.perf_counter() - began

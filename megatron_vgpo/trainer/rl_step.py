@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from megatron_vgpo.algo.dynamic_sampling import disagreement_fraction, group_fil
 from megatron_vgpo.algo.vgpo import apply_vgpo, focus_from_cosine
 from megatron_vgpo.config.schema import TrainConfig
 from megatron_vgpo.distributed.group_stats import dp_outcome_advantages, dp_vgpo_factors
-from megatron_vgpo.rollout.base import RolloutRequest, SamplingParams
+from megatron_vgpo.rollout.base import RolloutRequest, SamplingParams, cut_before_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,13 @@ class Rollouts:
 
 
 def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[int]], grader: Any,
-                     decode: Callable[[list[int]], str], cfg: TrainConfig, step: int) -> Rollouts:
+                     decode: Callable[[list[int]], str], cfg: TrainConfig, step: int,
+                     vision_token_ids: Collection[int] = ()) -> Rollouts:
     """Rank 0: sample ``rollout.n`` responses for batches of prompts, grade them, keep groups.
+
+    A response that samples one of ``vision_token_ids`` (vision start/end/pad markers, which the model
+    would read as a new image and then refuse the batch) is cut just before it (counted as
+    ``rollout/cut_at_vision_token``, the fraction of samples cut) and graded as cut.
 
     Without dynamic sampling one batch of ``trainer.prompts_per_step`` prompts is used as is. With it (DAPO),
     only groups whose mean reward lies strictly inside ``algorithm.accuracy_bounds`` are kept, and new
@@ -68,6 +73,8 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
     all_groups: list[int] = []
     rounds = 0
     kept_groups = 0
+    num_cut = 0
+    stop_ids = frozenset(vision_token_ids)
     while kept_groups < target:
         rounds += 1
         indices = next_prompts()
@@ -75,6 +82,7 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
         requests = [RolloutRequest(uid=str(i), prompt_text=s.prompt_text, images=list(s.images))
                     for i, s in zip(indices, samples)]
         outputs = engine.generate(requests, params)
+        num_cut += sum(cut_before_tokens(o, stop_ids) for o in outputs) if stop_ids else 0
         texts = [decode(o.response_ids) for o in outputs]
         answers = [samples[k // rc.n].answer for k in range(len(outputs))]
         rewards = torch.tensor(grader.score_batch(texts, answers), dtype=torch.float32)
@@ -103,6 +111,7 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
         "rollout/disagree_fraction": disagreement_fraction(rewards_t, torch.tensor(all_groups)),
         "rollout/rounds": float(rounds),
         "rollout/kept_groups": float(kept_groups),
+        "rollout/cut_at_vision_token": num_cut / len(all_lengths),
     }
     return out
 
