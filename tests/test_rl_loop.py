@@ -52,10 +52,23 @@ def test_vgpo_loop_checkpoints_and_resumes(tmp_path: Path):
     assert [r["step"] for r in _metrics(run_dir) if "actor/steps" in r] == [1, 2, 3]
 
 
-def test_grpo_baseline_by_one_override(tmp_path: Path):
+def test_sft_warm_start_then_grpo_baseline_by_one_override(tmp_path: Path):
+    """One launch: an SFT warm start gated on the answer format (target 0.0, so it stops at the first
+    evaluation), its exported folder used as the RL start, one GRPO step, and the PNG curves at the end."""
     run_dir = tmp_path / "grpo"
-    summary = _train(run_dir, "trainer.steps=1", "algorithm.name=grpo", "trainer.save_every=0")
+    sft = ["sft.enabled=true", "sft.max_steps=12", "sft.batch_size=8", "sft.eval_every=6", "sft.eval_samples=4",
+           "sft.warmup_steps=1", "sft.target_accuracy=1.0", "sft.target_boxed_fraction=0.0"]
+    summary = _train(run_dir, "trainer.steps=1", "algorithm.name=grpo", "trainer.save_every=0", *sft)
     assert summary["algorithm"] == "grpo"
+    assert summary["sft_steps"] == 6 and 0.0 <= summary["sft_boxed_fraction"] <= 1.0  # gate hit at step 6
+    sft_records = [r for r in _metrics(run_dir) if "sft/nll" in r]
+    assert [r["step"] for r in sft_records] == list(range(1, 7))
+    assert sft_records[-1]["sft/nll"] < 0.8 * sft_records[0]["sft/nll"]  # the warm start does learn
+    assert "sft/accuracy" in sft_records[-1] and "sft/boxed_fraction" in sft_records[-1]
+    assert json.loads((run_dir / "val_before.json").read_text())["model_dir"] == str(run_dir / "sft_model")
+    assert summary["model_dir"] == str(run_dir / "sft_model") and (run_dir / "sft_model/config.json").is_file()
+    assert "val_boxed_fraction_after" in summary
+    assert summary["plots"] and all((run_dir / "plots" / name).is_file() for name in summary["plots"])
     step = next(r for r in _metrics(run_dir) if "actor/steps" in r)
     assert not any(k.startswith(("vgpo/", "focus/")) for k in step)
     assert not (run_dir / "checkpoints").exists()

@@ -170,9 +170,10 @@ class OptimizerConfig:
 @dataclass
 class SFTConfig:
     """Optional supervised warm start on the training answers, so the model can emit ``\\boxed{}`` answers
-    before RL. Stops when greedy validation accuracy reaches ``target_accuracy`` (checked every
-    ``eval_every`` steps) or after ``max_steps``; the result is saved as ``RUN_DIR/sft_model`` (an HF folder)
-    and reused by later runs in the same ``run_dir``."""
+    before RL. Stops when greedy validation (every ``eval_every`` steps, on ``eval_samples`` held-out prompts)
+    reaches ``target_accuracy`` or answers in ``\\boxed{}`` in ``target_boxed_fraction`` of the responses,
+    or after ``max_steps``; the result is saved as ``RUN_DIR/sft_model`` (an HF folder) and reused by later
+    runs in the same ``run_dir``. Gate on the format (not on accuracy) to leave the task itself to RL."""
 
     enabled: bool = False
     max_steps: int = 1000
@@ -180,6 +181,7 @@ class SFTConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     target_accuracy: float = 0.35
+    target_boxed_fraction: float | None = None  # None: do not stop on the format
     eval_every: int = 100
     eval_samples: int = 64
 

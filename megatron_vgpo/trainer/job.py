@@ -99,10 +99,12 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
                             enabled=rank0, config=to_dict(cfg))
     engine = None
 
-    def validate(samples: list[Any] = val_samples) -> float:
-        acc = (evaluate_greedy(engine, samples, decode, grader, max_new_tokens=cfg.validation.max_new_tokens,
-                               batch_size=cfg.validation.batch_size).accuracy if rank0 else None)
-        return float(broadcast_object(acc))
+    def validate(samples: list[Any] = val_samples) -> dict[str, float]:
+        """Greedy validation (collective): ``val/accuracy``, ``val/boxed_fraction``, ``val/response_tokens``
+        on every rank."""
+        result = (evaluate_greedy(engine, samples, decode, grader, max_new_tokens=cfg.validation.max_new_tokens,
+                                  batch_size=cfg.validation.batch_size).metrics() if rank0 else None)
+        return broadcast_object(result)
 
     summary: dict[str, Any] = {}
     try:
@@ -119,7 +121,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
             engine = make_engine(cfg, hf_dir, backend="hf") if rank0 else None
             sampler = PromptSampler(len(train_ds), cfg.sft.batch_size, seed=cfg.seed)
 
-            def evaluate_sft() -> float:
+            def evaluate_sft() -> dict[str, float]:
                 sync_weights(actor, engine, cfg)
                 return validate(val_samples[: cfg.sft.eval_samples])
 
@@ -139,19 +141,28 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         engine = make_engine(cfg, hf_dir) if rank0 else None
         before_path = run_dir / "val_before.json"
         if resuming and before_path.is_file():
-            val_before = json.loads(before_path.read_text())["accuracy"]
+            before = json.loads(before_path.read_text())["metrics"]
         else:
-            val_before = validate()
+            before = validate()
             if rank0:
-                before_path.write_text(json.dumps({"accuracy": val_before, "model_dir": str(hf_dir)}))
-        metrics.log(0, {"val/accuracy": val_before})
-        logger.info("validation before RL: %.3f", val_before)
+                before_path.write_text(json.dumps({"accuracy": before["val/accuracy"], "metrics": before,
+                                                   "model_dir": str(hf_dir)}))
+        metrics.log(0, before)
+        val_before = before["val/accuracy"]
+        logger.info("validation before RL: accuracy %.3f, boxed answers %.3f", val_before,
+                    before["val/boxed_fraction"])
         sampler = PromptSampler(len(train_ds), cfg.trainer.prompts_per_step, seed=cfg.seed)
         counters = rl_loop(cfg, actor, engine, grader, train_ds, sampler, validate, metrics.log, decode=decode,
                            vision_token_ids=ids.vision_markers, **token_ids)
-        val_after = validate()
-        logger.info("validation after RL: %.3f (before %.3f)", val_after, val_before)
-        summary.update(val_accuracy_before=val_before, val_accuracy_after=val_after, steps=counters["steps"],
+        after = validate()
+        val_after = after["val/accuracy"]
+        logger.info("validation after RL: accuracy %.3f (before %.3f), boxed answers %.3f", val_after, val_before,
+                    after["val/boxed_fraction"])
+        if rank0:
+            summary["plots"] = _write_plots(run_dir)
+        summary.update(val_accuracy_before=val_before, val_accuracy_after=val_after,
+                       val_boxed_fraction_before=before["val/boxed_fraction"],
+                       val_boxed_fraction_after=after["val/boxed_fraction"], steps=counters["steps"],
                        resumed_from_step=counters["resumed_from_step"], algorithm=cfg.algorithm.name,
                        rollout_backend=type(engine).__name__ if engine is not None else None)
     finally:
@@ -168,6 +179,20 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
 def _previous_dir(out_dir: Path) -> Path:
     """Where :func:`_export_hf` keeps the previous ``out_dir`` while the new one is renamed into place."""
     return out_dir.with_name(out_dir.name + ".old")
+
+
+def _write_plots(run_dir: Path) -> list[str]:
+    """Rank 0: the run's PNG curves (``tools/plot_run.py``'s function) into ``RUN_DIR/plots``; returns the file
+    names. A plotting failure is logged, never fatal: the run's results are already on disk."""
+    from megatron_vgpo.trainer.plots import plot_run
+
+    try:
+        result = plot_run(run_dir)
+    except Exception as err:  # matplotlib or an odd metrics file must not fail a finished run
+        logger.warning("could not write the PNG curves (%s: %s)", type(err).__name__, err)
+        return []
+    logger.info("wrote %d PNG curves to %s", len(result.paths), run_dir / "plots")
+    return [path.name for path in result.paths]
 
 
 def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> None:

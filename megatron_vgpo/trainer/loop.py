@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: Any, sampler: Any,
-            validate: Callable[[], float], log: Callable[[int, dict[str, float]], None], *,
+            validate: Callable[[], dict[str, float]], log: Callable[[int, dict[str, float]], None], *,
             decode: Callable[[list[int]], str], pad_token_id: int, image_token_id: int,
             vision_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
     """Run ``trainer.steps`` RL steps (continuing after a resumed checkpoint); returns counters.
@@ -63,7 +63,7 @@ def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: An
         metrics["perf/tokens_per_s"] = tokens / max(metrics["time/step"], 1e-9)
         done = step + 1
         if tc.val_every and (done % tc.val_every == 0 or done == tc.steps):
-            metrics["val/accuracy"] = validate()
+            metrics.update(validate())
         log(done, metrics)
         if rank0:
             bar.update(1)

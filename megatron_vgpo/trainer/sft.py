@@ -56,16 +56,18 @@ def sft_step(actor: Any, prompts: Sequence[Any], answers: Sequence[str], tokeniz
     return {"sft/nll": float(nll), "sft/grad_norm": float(metrics["grad_norm"]), "sft/lr": float(metrics["lr"])}
 
 
-def run_sft(actor: Any, dataset: Any, next_prompts: Callable[[], list[int]], evaluate: Callable[[], float],
+def run_sft(actor: Any, dataset: Any, next_prompts: Callable[[], list[int]],
+            evaluate: Callable[[], dict[str, float]],
             tokenizer: Any, cfg: TrainConfig, log: Callable[[int, dict[str, float]], None], *,
             pad_token_id: int, image_token_id: int, eos_token_id: int) -> dict[str, float]:
-    """Warm-start loop: ``sft.max_steps`` steps, greedy accuracy every ``sft.eval_every`` steps (via
-    ``evaluate``, collective, returns the accuracy on every rank); stops once the accuracy reaches
-    ``sft.target_accuracy``. ``next_prompts`` gives the same indices on every rank."""
+    """Warm-start loop: ``sft.max_steps`` steps, greedy validation every ``sft.eval_every`` steps (via
+    ``evaluate``, collective, returns ``val/accuracy`` and ``val/boxed_fraction`` on every rank); stops once
+    the accuracy reaches ``sft.target_accuracy`` or the fraction of boxed answers reaches
+    ``sft.target_boxed_fraction``. ``next_prompts`` gives the same indices on every rank."""
     from tqdm.auto import tqdm
 
     sc = cfg.sft
-    accuracy = 0.0
+    accuracy = boxed = 0.0
     step = 0
     bar = tqdm(total=sc.max_steps, desc="sft", unit="step", disable=not _is_rank0())
     for step in range(1, sc.max_steps + 1):
@@ -76,14 +78,17 @@ def run_sft(actor: Any, dataset: Any, next_prompts: Callable[[], list[int]], eva
         bar.update(1)
         bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}", acc=f"{accuracy:.2f}")
         if step % sc.eval_every == 0 or step == sc.max_steps:
-            accuracy = evaluate()
-            metrics["sft/accuracy"] = accuracy
-            logger.info("sft step %d: nll %.3f, greedy accuracy %.3f", step, metrics["sft/nll"], accuracy)
+            result = evaluate()
+            accuracy, boxed = result["val/accuracy"], result["val/boxed_fraction"]
+            metrics.update({"sft/accuracy": accuracy, "sft/boxed_fraction": boxed})
+            logger.info("sft step %d: nll %.3f, greedy accuracy %.3f, boxed answers %.3f", step,
+                        metrics["sft/nll"], accuracy, boxed)
         log(step, metrics)
-        if "sft/accuracy" in metrics and accuracy >= sc.target_accuracy:
+        format_reached = sc.target_boxed_fraction is not None and boxed >= sc.target_boxed_fraction
+        if "sft/accuracy" in metrics and (accuracy >= sc.target_accuracy or format_reached):
             break
     bar.close()
-    return {"sft_steps": step, "sft_accuracy": accuracy}
+    return {"sft_steps": step, "sft_accuracy": accuracy, "sft_boxed_fraction": boxed}
 
 
 def _is_rank0() -> bool:
