@@ -40,6 +40,10 @@ def test_yaml_and_overrides_build_typed_config(tmp_path: Path):
         (["parallel.tp.x=3"], "parallel.tp: expected an integer"),
         (["parallel.tp=2", "parallel.tp.x=3"], "parallel.tp is not a section"),
         (["justakey"], "not of the form key=value"),
+        (["optimizer.lr_schedule=cosine", "trainer.steps=10", "trainer.mini_batches=1", "optimizer.warmup_steps=10"],
+         "trainer.steps x trainer.mini_batches = 10 updates, which must exceed optimizer.warmup_steps (10)"),
+        (["sft.enabled=true", "sft.lr_schedule=cosine", "sft.max_steps=5"],
+         "sft.max_steps (5), which must exceed sft.warmup_steps (50)"),
     ],
 )
 def test_errors_name_the_key(overrides, message):

@@ -179,6 +179,7 @@ class SFTConfig:
     max_steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at max_steps
     warmup_steps: int = 50
     target_accuracy: float = 0.35
     target_boxed_fraction: float | None = None  # None: do not stop on the format
@@ -226,3 +227,14 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section checks its own fields)."""
+        opt, sft = self.optimizer, self.sft
+        updates = self.trainer.steps * self.trainer.mini_batches
+        if opt.lr_schedule == "cosine" and 0 < updates <= opt.warmup_steps:
+            raise ValueError(f"optimizer.lr_schedule=cosine decays over trainer.steps x trainer.mini_batches = "
+                             f"{updates} updates, which must exceed optimizer.warmup_steps ({opt.warmup_steps})")
+        if sft.enabled and sft.lr_schedule == "cosine" and sft.max_steps <= sft.warmup_steps:
+            raise ValueError(f"sft.lr_schedule=cosine decays over sft.max_steps ({sft.max_steps}), which must "
+                             f"exceed sft.warmup_steps ({sft.warmup_steps})")

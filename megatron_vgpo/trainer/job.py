@@ -116,8 +116,10 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         dist.barrier()
         resuming = cfg.trainer.resume and (run_dir / "checkpoints" / "latest").is_file()
         if cfg.sft.enabled and not (sft_dir / "config.json").is_file() and not resuming:
+            cosine = cfg.sft.lr_schedule == "cosine"
             actor = MegatronActor(hf_dir, _actor_config(cfg, lr=cfg.sft.lr, warmup=cfg.sft.warmup_steps,
-                                                       schedule="constant", decay_steps=None))
+                                                       schedule=cfg.sft.lr_schedule,
+                                                       decay_steps=cfg.sft.max_steps if cosine else None))
             engine = make_engine(cfg, hf_dir, backend="hf") if rank0 else None
             sampler = PromptSampler(len(train_ds), cfg.sft.batch_size, seed=cfg.seed)
 
