@@ -295,7 +295,8 @@ class HFRolloutEngine(RolloutEngine):
         """
         stats = WeightSyncStats(transport="hf_in_process")
         start = time.perf_counter()
-        for bucket in tqdm(iter_buckets(named_tensors, bucket_bytes), desc="hf weight update", leave=False):
+        for bucket in tqdm(iter_buckets(named_tensors, bucket_bytes), desc="hf weight update", leave=False,
+                           delay=2.0):
             for name, tensor in bucket:
                 target = self._tensors_by_name[checkpoint_name_to_module_name(name, self._tensors_by_name)]
                 if tuple(target.shape) != tuple(tensor.shape):
@@ -307,7 +308,7 @@ class HFRolloutEngine(RolloutEngine):
             stats.num_bytes += bucket_nbytes(bucket)
             stats.num_buckets += 1
         stats.seconds = time.perf_counter() - start
-        logger.info("hf engine: loaded %d tensors (%.1f MB)", stats.num_tensors, stats.num_bytes / 1e6)
+        logger.debug("hf engine: loaded %d tensors (%.1f MB)", stats.num_tensors, stats.num_bytes / 1e6)
         return stats
 
     def shutdown(self) -> None:

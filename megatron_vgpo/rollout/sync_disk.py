@@ -61,7 +61,7 @@ def write_hf_weights_folder(
             shutil.copy2(item, out / item.name)
     stats = WeightSyncStats(transport="disk")
     weight_map: dict[str, str] = {}
-    for bucket in tqdm(iter_buckets(named_tensors, bucket_bytes), desc="disk sync: write", leave=False):
+    for bucket in tqdm(iter_buckets(named_tensors, bucket_bytes), desc="disk sync: write", leave=False, delay=2.0):
         shard = f"model-{stats.num_buckets + 1:05d}.safetensors"
         tensors = {}
         for name, tensor in bucket:

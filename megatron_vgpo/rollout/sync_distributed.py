@@ -183,7 +183,7 @@ class DistributedWeightSender:
         return stats
 
     def _send_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], stats: WeightSyncStats) -> None:
-        for bucket in tqdm(buckets, desc="distributed sync", leave=False):
+        for bucket in tqdm(buckets, desc="distributed sync", leave=False, delay=2.0):
             wait = self.target.start_update_weights_from_distributed(
                 names=[name for name, _ in bucket],
                 dtypes=[str(t.dtype).removeprefix("torch.") for _, t in bucket],

@@ -52,7 +52,7 @@ def sync_weights_by_tensor(
     start = time.perf_counter()
     target.begin_weight_update()
     try:
-        for bucket in tqdm(iter_buckets(named_tensors, bucket_bytes), desc="tensor sync", leave=False):
+        for bucket in tqdm(iter_buckets(named_tensors, bucket_bytes), desc="tensor sync", leave=False, delay=2.0):
             target.push_tensor_bucket(bucket)
             stats.num_tensors += len(bucket)
             stats.num_bytes += bucket_nbytes(bucket)
