@@ -155,7 +155,7 @@ def test_kill_9_leaves_no_orphans_and_resumes(tmp_path: Path):
     second = records[len(first_records):]
     assert first_steps == list(range(1, len(first_steps) + 1))
     assert killed_at <= len(first_steps) <= killed_at + 1
-    assert second[0] == {"step": 0, "time": second[0]["time"], "val/accuracy": json.loads(val_before)["accuracy"]}
+    assert second[0] == {"step": 0, "time": second[0]["time"], **json.loads(val_before)["metrics"]}
     assert [r["step"] for r in second if "actor/steps" in r] == list(range(killed_at + 1, STEPS + 1))
     val_steps = [s for s in range(killed_at + 1, STEPS + 1) if s % 3 == 0 or s == STEPS]  # trainer.val_every=3
     assert [r["step"] for r in second if "val/accuracy" in r] == [0, *val_steps]

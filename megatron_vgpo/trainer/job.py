@@ -143,16 +143,19 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         engine = make_engine(cfg, hf_dir) if rank0 else None
         before_path = run_dir / "val_before.json"
         if resuming and before_path.is_file():
-            before = json.loads(before_path.read_text())["metrics"]
+            stored = json.loads(before_path.read_text())  # runs from before 2026-11-24 kept the accuracy only
+            before = stored.get("metrics", {"val/accuracy": stored["accuracy"]})
         else:
             before = validate()
-            if rank0:
-                before_path.write_text(json.dumps({"accuracy": before["val/accuracy"], "metrics": before,
-                                                   "model_dir": str(hf_dir)}))
+            if rank0:  # tmp + rename: a kill mid-write must not leave a file that breaks the resume
+                tmp_path = before_path.with_suffix(".json.tmp")
+                tmp_path.write_text(json.dumps({"accuracy": before["val/accuracy"], "metrics": before,
+                                                "model_dir": str(hf_dir)}))
+                tmp_path.replace(before_path)
         metrics.log(0, before)
         val_before = before["val/accuracy"]
         logger.info("validation before RL: accuracy %.3f, boxed answers %.3f", val_before,
-                    before["val/boxed_fraction"])
+                    before.get("val/boxed_fraction", float("nan")))
         sampler = PromptSampler(len(train_ds), cfg.trainer.prompts_per_step, seed=cfg.seed)
         counters = rl_loop(cfg, actor, engine, grader, train_ds, sampler, validate, metrics.log, decode=decode,
                            vision_token_ids=ids.vision_markers, **token_ids)
@@ -163,7 +166,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         if rank0:
             summary["plots"] = _write_plots(run_dir)
         summary.update(val_accuracy_before=val_before, val_accuracy_after=val_after,
-                       val_boxed_fraction_before=before["val/boxed_fraction"],
+                       val_boxed_fraction_before=before.get("val/boxed_fraction"),
                        val_boxed_fraction_after=after["val/boxed_fraction"], steps=counters["steps"],
                        resumed_from_step=counters["resumed_from_step"], algorithm=cfg.algorithm.name,
                        rollout_backend=type(engine).__name__ if engine is not None else None)

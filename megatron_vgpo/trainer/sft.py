@@ -1,10 +1,10 @@
 """Supervised warm start through the Megatron actor, so a random or weak model learns the answer format.
 
-The target of a prompt is a short reasoning stub and the gold answer in ``\\boxed{}`` followed by the end
-token. The loss is the policy loss with advantage 1 on every target token and ``old_log_probs`` equal to
-the current log-probs (computed in the no-grad pass just before): at ratio 1 its gradient is exactly the
-gradient of the token-mean negative log-likelihood, so SFT reuses the RL update path (TP/SP/PP, DDP,
-distributed optimizer, grad clipping) unchanged. The reported ``sft/nll`` is the token-mean NLL from the
+The target of a prompt is the gold answer in ``\\boxed{}`` followed by the end token. The loss is the policy
+loss with advantage 1 on every target token and ``old_log_probs`` equal to the current log-probs (computed in
+the no-grad pass just before): at ratio 1 its gradient is exactly the gradient of the token-mean negative
+log-likelihood, so SFT reuses the RL update path (TP/SP/PP, DDP, distributed optimizer, grad clipping)
+unchanged. The reported ``sft/nll`` is the token-mean NLL from the
 no-grad pass.
 """
 
@@ -24,9 +24,7 @@ logger = logging.getLogger(__name__)
 def sft_target(answer: str) -> str:
     """The supervised response for a gold ``answer``: just the boxed answer, so the token-mean loss is not
     diluted by a reasoning stub around the one token that matters; RL then learns whatever text the reward
-    allows around the box. (On the default synthetic task the tiny model has not yet been seen to learn the
-    count itself by SFT alone: NLL stayed at chance for 800 steps with this target and for 1000 steps with a
-    16-token reasoning stub; see the open default-job issue.)"""
+    allows around the box."""
     return f"\\boxed{{{answer}}}"
 
 
