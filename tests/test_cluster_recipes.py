@@ -72,6 +72,12 @@ def test_chain_tasks_commands():
     train = tasks["train"].to_command(with_entrypoint=True)
     assert train[:4] == ["python", "-m", "megatron_vgpo.train", "/c/job.yaml"]
     assert sorted(train[4:]) == ["model.dtype=bfloat16", "model.hf_dir=/models/32b", "parallel.pp=2", "parallel.tp=8"]
+    # the default job trains and saves, so the chain exports what it trained (RUN_DIR/checkpoints) ...
+    assert tasks["export"].args == ["export", "--ckpt", f"{cfg.run_dir}/checkpoints", "--out", "/results/hf_out",
+                                    "--tp", "8", "--pp", "1"]
+    # ... and an evaluation-only job exports the imported checkpoint
+    eval_only = load_config(TINY, ["parallel.tp=8", "parallel.pp=2", "trainer.steps=0", "sft.enabled=false"])
+    tasks = dict(recipes.chain_tasks(eval_only, TINY, paths, import_tp=8, config_path="/c/job.yaml", repo_dir="/r"))
     assert tasks["export"].args == ["export", "--ckpt", "/results/ckpt", "--out", "/results/hf_out", "--tp", "8",
                                     "--pp", "1"]
     odd = load_config(TINY, ["run_dir=/a b", "data.train_files=[/d/t.parquet]", "data.val_files=[/d/v.parquet]"])
@@ -181,8 +187,9 @@ def test_launch_script_runs_the_job_on_two_gloo_ranks(tmp_path: Path):
     """One node, ``--nproc-per-node 2``: the TP2+SP parity check and one RL step (GRPO, transformers rollouts)
     with a real actor update on the two gloo ranks."""
     run_dir = tmp_path / "run"
-    rl_step = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=2", "rollout.backend=hf",
-               "rollout.max_new_tokens=4", "trainer.mini_batches=1", "trainer.val_every=0", "trainer.save_every=0",
+    rl_step = ["trainer.steps=1", "optimizer.warmup_steps=0", "trainer.prompts_per_step=2", "rollout.n=2",
+               "rollout.backend=hf", "rollout.max_new_tokens=4", "trainer.mini_batches=1", "trainer.val_every=0",
+               "trainer.save_every=0",
                "algorithm.name=grpo"]
     proc = subprocess.run([str(REPO / "cluster/torchrun/launch.sh"), "--nproc-per-node", "2", "--master-port",
                            str(_free_port()), str(TINY), f"run_dir={run_dir}", *SMALL_JOB, *rl_step],
@@ -231,9 +238,11 @@ def test_nemo_run_local_chain_import_train_export(tmp_path: Path, tiny_hf_dir: P
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     run_dir, ckpt, export = tmp_path / "run", tmp_path / "ckpt", tmp_path / "hf_export"
-    rl_step = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=2", "rollout.backend=hf",
-               "rollout.max_new_tokens=4", "trainer.mini_batches=1", "trainer.val_every=0", "trainer.save_every=1",
-               "algorithm.name=grpo", "algorithm.entropy_coef=0.01", "optimizer.lr=1e-3"]  # entropy: a non-zero grad
+    rl_step = ["trainer.steps=1", "optimizer.warmup_steps=0", "trainer.prompts_per_step=2", "rollout.n=2",
+               "rollout.backend=hf", "rollout.max_new_tokens=4", "trainer.mini_batches=1", "trainer.val_every=0",
+               "trainer.save_every=1",
+               "algorithm.name=grpo", "algorithm.entropy_coef=0.01", "optimizer.lr=1e-3",  # entropy: a non-zero grad
+               "optimizer.lr_schedule=constant"]  # a 1-step cosine would take its only step at min_lr
     proc = subprocess.run([sys.executable, str(REPO / "cluster/nemo_run/local.py"), str(TINY), f"run_dir={run_dir}",
                            *SMALL_JOB, *rl_step, "--chain", "--hf-dir", str(tiny_hf_dir), "--ckpt", str(ckpt),
                            "--export-dir", str(export), "--import-tp", "2"],

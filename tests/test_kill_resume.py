@@ -18,10 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 # As tests/test_rl_loop.py (TP2 + SP, relaunched under torchrun), a checkpoint after every step.
-SMALL = ["sft.enabled=false", "data.synthetic.num=40", "validation.num_samples=4", "validation.max_new_tokens=6",
-         "trainer.prompts_per_step=2", "trainer.mini_batches=1", "rollout.n=4", "rollout.max_new_tokens=6",
-         "rollout.backend=hf", "algorithm.dynamic_sampling=false", "optimizer.lr=1e-3", "trainer.val_every=3",
-         "trainer.save_every=1", f"trainer.steps={STEPS}", "logging.tensorboard=false"]
+SMALL = ["sft.enabled=false", "optimizer.lr_schedule=constant", "optimizer.warmup_steps=0",
+         "data.synthetic.num=40",
+         "validation.num_samples=4", "validation.max_new_tokens=6", "trainer.prompts_per_step=2",
+         "trainer.mini_batches=1", "rollout.n=4", "rollout.max_new_tokens=6", "rollout.backend=hf",
+         "algorithm.dynamic_sampling=false", "optimizer.lr=1e-3", "trainer.val_every=3", "trainer.save_every=1",
+         f"trainer.steps={STEPS}", "logging.tensorboard=false"]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["sft.enabled=false", "data.synthetic.num=40", "validation.num_samples=4", "validation.max_new_tokens=6",
-         "trainer.prompts_per_step=2", "trainer.mini_batches=1", "rollout.n=4", "rollout.max_new_tokens=6",
-         "rollout.backend=hf", "algorithm.dynamic_sampling=false", "optimizer.lr=1e-3", "trainer.val_every=2",
-         "trainer.save_every=1"]
+SMALL = ["sft.enabled=false", "optimizer.lr_schedule=constant", "optimizer.warmup_steps=0",
+         "data.synthetic.num=40",
+         "validation.num_samples=4", "validation.max_new_tokens=6", "trainer.prompts_per_step=2",
+         "trainer.mini_batches=1", "rollout.n=4", "rollout.max_new_tokens=6", "rollout.backend=hf",
+         "algorithm.dynamic_sampling=false", "optimizer.lr=1e-3", "trainer.val_every=2", "trainer.save_every=1"]
 
 
 def _train(run_dir: Path, *overrides: str) -> dict:

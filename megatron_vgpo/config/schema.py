@@ -234,7 +234,8 @@ class TrainConfig:
         updates = self.trainer.steps * self.trainer.mini_batches
         if opt.lr_schedule == "cosine" and 0 < updates <= opt.warmup_steps:
             raise ValueError(f"optimizer.lr_schedule=cosine decays over trainer.steps x trainer.mini_batches = "
-                             f"{updates} updates, which must exceed optimizer.warmup_steps ({opt.warmup_steps})")
+                             f"{updates} updates, which must exceed optimizer.warmup_steps ({opt.warmup_steps}); lower "
+                             "the warm-up or use optimizer.lr_schedule=constant")
         if sft.enabled and sft.lr_schedule == "cosine" and sft.max_steps <= sft.warmup_steps:
             raise ValueError(f"sft.lr_schedule=cosine decays over sft.max_steps ({sft.max_steps}), which must "
                              f"exceed sft.warmup_steps ({sft.warmup_steps})")
