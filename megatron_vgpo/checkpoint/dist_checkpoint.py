@@ -171,7 +171,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file_atomic(path: Path, text: str) -> None:
+def write_file_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via ``path.tmp`` + fsync + rename: a crash leaves the old file or the new."""
     tmp = path.with_name(f"{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -484,10 +485,10 @@ def replace_dir(new: Path, final: Path, old: Path) -> None:
 def _finalize(root: Path, tmp: Path, final: Path, meta: CheckpointMetadata) -> None:
     """Rank 0: metadata into the temporary folder, swap it into place (an existing ``final`` only with
     ``overwrite=True``, checked by every rank), then move ``latest``."""
-    _write_file_atomic(tmp / META_FILE, json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+    write_file_atomic(tmp / META_FILE, json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     _fsync_dir(tmp)
     replace_dir(tmp, final, root / f"{TRASH_PREFIX}{final.name}")
-    _write_file_atomic(root / LATEST_FILE, final.name + "\n")
+    write_file_atomic(root / LATEST_FILE, final.name + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

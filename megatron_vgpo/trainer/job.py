@@ -147,11 +147,11 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
             before = stored.get("metrics", {"val/accuracy": stored["accuracy"]})
         else:
             before = validate()
-            if rank0:  # tmp + rename: a kill mid-write must not leave a file that breaks the resume
-                tmp_path = before_path.with_suffix(".json.tmp")
-                tmp_path.write_text(json.dumps({"accuracy": before["val/accuracy"], "metrics": before,
-                                                "model_dir": str(hf_dir)}))
-                tmp_path.replace(before_path)
+            if rank0:  # atomic: a kill mid-write must not leave a file that breaks the resume
+                from megatron_vgpo.checkpoint.dist_checkpoint import write_file_atomic
+
+                write_file_atomic(before_path, json.dumps({"accuracy": before["val/accuracy"], "metrics": before,
+                                                           "model_dir": str(hf_dir)}))
         metrics.log(0, before)
         val_before = before["val/accuracy"]
         logger.info("validation before RL: accuracy %.3f, boxed answers %.3f", val_before,
