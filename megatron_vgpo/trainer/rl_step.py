@@ -82,7 +82,7 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
         requests = [RolloutRequest(uid=str(i), prompt_text=s.prompt_text, images=list(s.images))
                     for i, s in zip(indices, samples)]
         outputs = engine.generate(requests, params)
-        num_cut += sum(cut_before_tokens(o, stop_ids) for o in outputs) if stop_ids else 0
+        num_cut += sum(cut_before_tokens(o, stop_ids) for o in outputs)
         texts = [decode(o.response_ids) for o in outputs]
         answers = [samples[k // rc.n].answer for k in range(len(outputs))]
         rewards = torch.tensor(grader.score_batch(texts, answers), dtype=torch.float32)
