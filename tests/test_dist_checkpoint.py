@@ -162,11 +162,13 @@ def _body(rank: int, world_size: int, root: str) -> dict:
 
     # 5. Crash of rank 0 between the metadata write and the rename (the others wait in the last barrier,
     #    which the test releases by hand, as a dying job would never do).
-    real_publish = dc._publish
+    from megatron_vgpo.checkpoint import atomic_files
+
+    real_publish = atomic_files.publish_dir
     if rank == 0:
         def failing_publish(tmp, final):
             raise OSError("injected crash before rename")
-        dc._publish = failing_publish
+        atomic_files.publish_dir = failing_publish
     try:
         dc.save_checkpoint(root, model, hf_config=hf, iteration=2)
         report["crash2_raised"] = False
@@ -174,7 +176,7 @@ def _body(rank: int, world_size: int, root: str) -> dict:
         report["crash2_raised"] = "injected" in str(e)
         torch.distributed.barrier()  # the barrier rank 0 never reached
     finally:
-        dc._publish = real_publish
+        atomic_files.publish_dir = real_publish
     torch.distributed.barrier()
     report["crash2_latest"] = dc.read_latest(root)
     report["crash2_final_exists"] = (Path(root) / "iter_0000002").exists()

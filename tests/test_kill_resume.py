@@ -248,7 +248,7 @@ def test_signals_are_forwarded_to_the_child(tmp_path: Path):
 
 
 def test_replace_dir_survives_a_crash_between_the_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from megatron_vgpo.checkpoint import dist_checkpoint as dc
+    from megatron_vgpo.checkpoint import atomic_files as dc
 
     final, old, new = tmp_path / "sft_model", tmp_path / "sft_model.old", tmp_path / "sft_model.tmp"
     final.mkdir()
@@ -259,7 +259,7 @@ def test_replace_dir_survives_a_crash_between_the_renames(tmp_path: Path, monkey
     def crash(tmp: Path, target: Path) -> None:
         raise OSError("injected crash before the second rename")
 
-    monkeypatch.setattr(dc, "_publish", crash)
+    monkeypatch.setattr(dc, "publish_dir", crash)
     with pytest.raises(OSError, match="injected"):
         dc.replace_dir(new, final, old)
     assert not final.exists() and (old / "weights").read_text() == "v1"  # the crash window

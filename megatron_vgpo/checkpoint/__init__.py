@@ -8,4 +8,6 @@ Modules (imported explicitly; this package imports nothing heavy by itself):
 * :mod:`.hf_files` -- reading HF safetensors folders, eagerly or lazily (per-tensor, headers for shapes).
 * :mod:`.config_check` -- field-by-field checks between HF configs, Megatron models and checkpoint metadata.
 * :mod:`.dist_checkpoint` -- crash-safe Megatron distributed checkpoints (model, optimizer, extra state).
+* :mod:`.atomic_files` -- the crash-safe file steps it uses (atomic file write, folder publish and swap),
+  also used for the exported HF folders.
 """

@@ -39,7 +39,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_vgpo.checkpoint.atomic_files import fsync_dir, replace_dir, write_file_atomic
 from megatron_vgpo.checkpoint.config_check import (
     ConfigMismatchError,
     as_hf_config,
@@ -156,30 +156,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_metadata(path: str | Path) -> CheckpointMetadata:
     """The metadata of a checkpoint folder or root (follows ``latest``)."""
     return CheckpointMetadata.from_json(resolve_checkpoint(path) / META_FILE)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via ``path.tmp`` + fsync + rename: a crash leaves the old file or the new."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,45 +424,11 @@ def save_checkpoint(
     return final
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """The one step that makes a checkpoint visible under its final name (atomic on POSIX)."""
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def restore_replaced_dir(final: Path, old: Path) -> bool:
-    """Undo a :func:`replace_dir` that stopped between its two renames: when ``final`` is missing and ``old``
-    (the previous folder, complete) exists, rename ``old`` back to ``final``. Returns whether it did."""
-    if final.exists() or not old.is_dir():
-        return False
-    os.rename(old, final)
-    _fsync_dir(final.parent)
-    logger.warning("restored %s from %s (a replacement was interrupted)", final, old.name)
-    return True
-
-
-def replace_dir(new: Path, final: Path, old: Path) -> None:
-    """Put the complete folder ``new`` in place of ``final`` so that a crash at any point leaves one complete
-    folder: ``final`` is renamed to ``old``, ``new`` to ``final``, then ``old`` is removed.
-
-    A crash between the two renames leaves ``final`` missing and ``old`` complete; the next call (or
-    :func:`restore_replaced_dir`) renames it back first. A leftover ``old`` next to a ``final`` (a crash
-    before the removal) is removed. Single process: call it on one rank.
-    """
-    restore_replaced_dir(final, old)
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.rename(final, old)
-    _publish(new, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _finalize(root: Path, tmp: Path, final: Path, meta: CheckpointMetadata) -> None:
     """Rank 0: metadata into the temporary folder, swap it into place (an existing ``final`` only with
     ``overwrite=True``, checked by every rank), then move ``latest``."""
     write_file_atomic(tmp / META_FILE, json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     replace_dir(tmp, final, root / f"{TRASH_PREFIX}{final.name}")
     write_file_atomic(root / LATEST_FILE, final.name + "\n")
 
@@ -598,8 +540,6 @@ __all__ = [
     "load_checkpoint",
     "read_latest",
     "read_metadata",
-    "replace_dir",
     "resolve_checkpoint",
-    "restore_replaced_dir",
     "save_checkpoint",
 ]

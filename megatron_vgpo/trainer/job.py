@@ -110,7 +110,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     try:
         sft_dir = run_dir / "sft_model"
         if rank0:  # an export interrupted between its renames left the previous folder as sft_model.old
-            from megatron_vgpo.checkpoint.dist_checkpoint import restore_replaced_dir
+            from megatron_vgpo.checkpoint.atomic_files import restore_replaced_dir
 
             restore_replaced_dir(sft_dir, _previous_dir(sft_dir))
         dist.barrier()
@@ -148,7 +148,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         else:
             before = validate()
             if rank0:  # atomic: a kill mid-write must not leave a file that breaks the resume
-                from megatron_vgpo.checkpoint.dist_checkpoint import write_file_atomic
+                from megatron_vgpo.checkpoint.atomic_files import write_file_atomic
 
                 write_file_atomic(before_path, json.dumps({"accuracy": before["val/accuracy"], "metrics": before,
                                                            "model_dir": str(hf_dir)}))
@@ -206,7 +206,7 @@ def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> No
     in place, so a crash always leaves one complete folder (collective)."""
     import shutil
 
-    from megatron_vgpo.checkpoint.dist_checkpoint import replace_dir
+    from megatron_vgpo.checkpoint.atomic_files import replace_dir
     from megatron_vgpo.rollout.sync_disk import write_hf_weights_folder
     from megatron_vgpo.trainer.weight_export import iter_model_weights_to_rank
 
