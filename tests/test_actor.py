@@ -60,7 +60,7 @@ def make_batch(hf_dir: str) -> Any:
     """The 8-trajectory RLBatch (identical in every process), with old log-probs and advantages unset."""
     from transformers import AutoProcessor
 
-    from megatron_vgpo.trainer.rl_batch import build_rl_batch
+    from megatron_vgpo.actor.rl_batch import build_rl_batch
 
     processor = AutoProcessor.from_pretrained(hf_dir)
     prompts, responses, uids = [], [], []
@@ -101,9 +101,9 @@ def _full_weights(actor: Any) -> dict[str, torch.Tensor]:
 def _actor_body(rank: int, world_size: int, hf_dir: str) -> dict[str, Any]:
     import dataclasses
 
+    from megatron_vgpo.actor.megatron_actor import ActorConfig, LossConfig, MegatronActor
+    from megatron_vgpo.actor.rl_batch import shard_for_data_parallel
     from megatron_vgpo.distributed.process_groups import init_model_parallel
-    from megatron_vgpo.trainer.actor import ActorConfig, LossConfig, MegatronActor
-    from megatron_vgpo.trainer.rl_batch import shard_for_data_parallel
 
     batch = make_batch(hf_dir)
     # an entropy bonus too: its gradient goes through the vocab-parallel entropy backward at every layout
@@ -281,7 +281,7 @@ def test_actor_layouts_match_transformers_and_each_other(tiny_hf_dir: Path, tmp_
 
 
 def test_rl_batch_select_keeps_images_with_samples(tiny_hf_dir: Path):
-    from megatron_vgpo.trainer.rl_batch import RLBatch, build_rl_batch, shard_for_data_parallel
+    from megatron_vgpo.actor.rl_batch import RLBatch, build_rl_batch, shard_for_data_parallel
 
     batch = make_batch(str(tiny_hf_dir))
     assert batch.images_per_sample.tolist() == [1, 1, 1, 1, 2, 2, 0, 0]
@@ -331,7 +331,7 @@ def test_rl_batch_select_keeps_images_with_samples(tiny_hf_dir: Path):
 
 
 def test_pack_by_token_budget():
-    from megatron_vgpo.trainer.batching import pack_by_token_budget, padded_tokens
+    from megatron_vgpo.actor.batching import pack_by_token_budget, padded_tokens
 
     lengths = [30, 10, 50, 20, 20, 200, 5, 5, 5]
     groups = pack_by_token_budget(lengths, 100)

@@ -23,14 +23,14 @@ STEPS = 4
 
 
 def _config() -> Any:
-    from megatron_vgpo.trainer.actor import ActorConfig
+    from megatron_vgpo.actor.megatron_actor import ActorConfig
 
     return ActorConfig(lr=1e-3, min_lr=1e-4, lr_schedule="cosine", lr_warmup_steps=1, lr_decay_steps=6,
                        use_distributed_optimizer=True, micro_batch_tokens=120, clip_grad=1.0)
 
 
 def _one_step(actor: Any, batch: Any, step: int, dp_rank: int, dp: int) -> dict[str, float]:
-    from megatron_vgpo.trainer.rl_batch import shard_for_data_parallel
+    from megatron_vgpo.actor.rl_batch import shard_for_data_parallel
 
     old = actor.compute_log_probs(batch).log_probs
     gen = torch.Generator().manual_seed(100 + step)
@@ -52,8 +52,8 @@ def _draw() -> torch.Tensor:
 def _resume_body(rank: int, world_size: int, hf_dir: str, root: str) -> dict[str, Any]:
     from test_actor import make_batch
 
+    from megatron_vgpo.actor.megatron_actor import MegatronActor
     from megatron_vgpo.distributed.process_groups import init_model_parallel
-    from megatron_vgpo.trainer.actor import MegatronActor
 
     layout = init_model_parallel(tp=1, pp=1, seed=1234)
     batch = make_batch(hf_dir)

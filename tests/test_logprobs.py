@@ -1,4 +1,4 @@
-"""Vocab-parallel chunked log-probs / entropy (``megatron_vgpo.trainer.logprobs``) against float64 references.
+"""Vocab-parallel chunked log-probs / entropy (``megatron_vgpo.actor.logprobs``) against float64 references.
 
 One launch of 4 gloo ranks checks TP 4 (all ranks), TP 2 (two groups) and TP 1 (each rank alone): every rank
 holds its vocabulary slice of the same global logits (with junk TP-padding columns beyond the real vocab),
@@ -63,7 +63,7 @@ def _reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float, 
 def _body(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from megatron_vgpo.trainer.logprobs import response_log_probs, vocab_parallel_log_probs
+    from megatron_vgpo.actor.logprobs import response_log_probs, vocab_parallel_log_probs
 
     groups = {4: dist.new_group([0, 1, 2, 3]), 2: None, 1: None}
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -148,7 +148,7 @@ def test_vocab_parallel_log_probs_match_float64():
 
 
 def test_arguments_are_checked():
-    from megatron_vgpo.trainer.logprobs import prediction_rows, vocab_parallel_log_probs
+    from megatron_vgpo.actor.logprobs import prediction_rows, vocab_parallel_log_probs
 
     logits = torch.randn(4, 8)
     rows, targets = torch.arange(4), torch.zeros(4, dtype=torch.int64)

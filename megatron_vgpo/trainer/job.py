@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def _actor_config(cfg: TrainConfig, *, lr: float, warmup: int, schedule: str, decay_steps: int | None) -> Any:
-    from megatron_vgpo.trainer.actor import ActorConfig
+    from megatron_vgpo.actor.megatron_actor import ActorConfig
 
     opt = cfg.optimizer
     return ActorConfig(sequence_parallel=cfg.parallel.sp, lr=lr, min_lr=min(opt.min_lr, lr),
@@ -69,11 +69,11 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     """SFT (optional) + RL on the already-initialised torch.distributed world; rank 0 returns the summary."""
     from transformers import AutoProcessor
 
+    from megatron_vgpo.actor.megatron_actor import MegatronActor
     from megatron_vgpo.data import PromptSampler
     from megatron_vgpo.distributed.process_groups import init_model_parallel
     from megatron_vgpo.models.tokenizers import special_token_ids
     from megatron_vgpo.reward import RewardGrader
-    from megatron_vgpo.trainer.actor import MegatronActor
     from megatron_vgpo.trainer.evaluate import evaluate_greedy
     from megatron_vgpo.trainer.loop import rl_loop
     from megatron_vgpo.trainer.metrics import MetricsLogger
@@ -206,9 +206,9 @@ def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> No
     in place, so a crash always leaves one complete folder (collective)."""
     import shutil
 
+    from megatron_vgpo.actor.weight_export import iter_model_weights_to_rank
     from megatron_vgpo.checkpoint.atomic_files import replace_dir
     from megatron_vgpo.rollout.sync_disk import write_hf_weights_folder
-    from megatron_vgpo.trainer.weight_export import iter_model_weights_to_rank
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     weights = iter_model_weights_to_rank(actor.model, actor.hf_config, dst=0)

@@ -146,8 +146,8 @@ def update_policy(actor: Any, prompts: Sequence[Any], rollouts: Rollouts, cfg: T
     except the VGPO diagnostics, which describe this rank's shard)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_vgpo.trainer.actor import LossConfig
-    from megatron_vgpo.trainer.rl_batch import build_rl_batch, shard_for_data_parallel
+    from megatron_vgpo.actor.megatron_actor import LossConfig
+    from megatron_vgpo.actor.rl_batch import build_rl_batch, shard_for_data_parallel
 
     alg, tc = cfg.algorithm, cfg.trainer
     started = time.perf_counter()
@@ -189,7 +189,7 @@ def update_policy(actor: Any, prompts: Sequence[Any], rollouts: Rollouts, cfg: T
 
 def sync_weights(actor: Any, engine: Any, cfg: TrainConfig) -> float:
     """All ranks: stream the actor's weights to rank 0 and push them into ``engine`` (rank 0 only)."""
-    from megatron_vgpo.trainer.weight_export import iter_model_weights_to_rank
+    from megatron_vgpo.actor.weight_export import iter_model_weights_to_rank
 
     started = time.perf_counter()
     weights = iter_model_weights_to_rank(actor.model, actor.hf_config, dst=0)

@@ -34,8 +34,8 @@ def sft_step(actor: Any, prompts: Sequence[Any], answers: Sequence[str], tokeniz
     passes the same global batch and keeps its data-parallel shard)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_vgpo.trainer.actor import LossConfig
-    from megatron_vgpo.trainer.rl_batch import build_rl_batch, shard_for_data_parallel
+    from megatron_vgpo.actor.megatron_actor import LossConfig
+    from megatron_vgpo.actor.rl_batch import build_rl_batch, shard_for_data_parallel
 
     targets = [tokenizer(sft_target(a), add_special_tokens=False)["input_ids"] + [eos_token_id] for a in answers]
     batch = build_rl_batch(prompts, targets, pad_token_id=pad_token_id, image_token_id=image_token_id,

@@ -3,7 +3,7 @@
 Used by ``tools/check_weight_sync.py`` (and its test). On ``tp * pp`` ranks launched with
 :func:`megatron_vgpo.distributed.multiprocess.run_on_ranks`:
 
-1. every rank builds the :class:`~megatron_vgpo.trainer.actor.MegatronActor` from the HF folder; rank 0 also
+1. every rank builds the :class:`~megatron_vgpo.actor.megatron_actor.MegatronActor` from the HF folder; rank 0 also
    starts the engine (SGLang in its worker process, or the transformers backend) from the same folder;
 2. for each transport: the actor's weights are perturbed (deterministic noise, a fresh seed per transport,
    so the engine is stale again), rank 0 generates greedily for a prompt with an image and a text-only
@@ -104,8 +104,8 @@ def _engine_pass(engine: Any, requests: list[Any]) -> tuple[list[list[int]], lis
 
 def _actor_log_probs(actor: Any, prompts: list[_PromptTensors], responses: list[list[int]],
                      processor: Any) -> list[torch.Tensor]:
+    from megatron_vgpo.actor.rl_batch import build_rl_batch
     from megatron_vgpo.models.tokenizers import special_token_ids
-    from megatron_vgpo.trainer.rl_batch import build_rl_batch
 
     ids = special_token_ids(processor.tokenizer)
     batch = build_rl_batch(prompts, responses, pad_token_id=ids.pad, image_token_id=ids.image_pad,
@@ -123,9 +123,9 @@ def weight_sync_rank_body(rank: int, world_size: int, hf_dir: str, tp: int, pp: 
     """Per-rank body for ``run_on_ranks(..., megatron=True)``; rank 0 returns the report (see module doc)."""
     from transformers import AutoProcessor
 
+    from megatron_vgpo.actor.megatron_actor import ActorConfig, MegatronActor
+    from megatron_vgpo.actor.weight_export import iter_model_weights_to_rank
     from megatron_vgpo.distributed.process_groups import init_model_parallel
-    from megatron_vgpo.trainer.actor import ActorConfig, MegatronActor
-    from megatron_vgpo.trainer.weight_export import iter_model_weights_to_rank
 
     init_model_parallel(tp=tp, pp=pp, seed=1234)
     actor = MegatronActor(hf_dir, ActorConfig())

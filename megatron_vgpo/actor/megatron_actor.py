@@ -3,9 +3,9 @@
 :class:`MegatronActor` is built on every rank after ``init_model_parallel(tp, pp)``. What each rank does:
 
 * every rank holds its TP/PP shard of the model (``Qwen2_5_VLModel`` wrapped in Megatron DDP) and gets the
-  SAME :class:`~megatron_vgpo.trainer.rl_batch.RLBatch` as the other ranks of its model-parallel group
+  SAME :class:`~megatron_vgpo.actor.rl_batch.RLBatch` as the other ranks of its model-parallel group
   (TP x PP); different DP ranks get different trajectories
-  (:func:`~megatron_vgpo.trainer.rl_batch.shard_for_data_parallel`).
+  (:func:`~megatron_vgpo.actor.rl_batch.shard_for_data_parallel`).
 * :meth:`MegatronActor.compute_log_probs` -- a no-grad pass through Megatron's pipeline schedule
   (``forward_only=True``), micro-batched by a token budget. On the last stage each micro-batch's
   vocab-parallel logits give per-token log-probs and entropy (:mod:`.logprobs`, chunked, reduced over TP),
@@ -41,10 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_vgpo.actor.batching import pack_by_token_budget, split_contiguous
+from megatron_vgpo.actor.logprobs import DEFAULT_CHUNK_TOKENS, response_log_probs
+from megatron_vgpo.actor.rl_batch import RLBatch
 from megatron_vgpo.algo.losses import policy_loss, scale_for_dp_average
-from megatron_vgpo.trainer.batching import pack_by_token_budget, split_contiguous
-from megatron_vgpo.trainer.logprobs import DEFAULT_CHUNK_TOKENS, response_log_probs
-from megatron_vgpo.trainer.rl_batch import RLBatch
 
 logger = logging.getLogger(__name__)
 
