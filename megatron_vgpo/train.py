@@ -52,7 +52,7 @@ def needs_actor(cfg: TrainConfig) -> bool:
 
 
 def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
-    """Run this job under ``torchrun`` with ``tp * pp`` processes on this machine; return its summary.
+    """Run this job under ``torchrun`` with ``tp * pp * dp`` processes on this machine; return its summary.
 
     The torchrun agent and its ranks end with this process, even when it is killed with ``SIGKILL`` (see
     :mod:`megatron_vgpo.distributed.lifecycle`). ``SIGINT`` / ``SIGTERM`` received here are forwarded to the
@@ -66,7 +66,7 @@ def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    world = cfg.parallel.tp * cfg.parallel.pp
+    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
     command = torchrun_command(["--nproc-per-node", str(world), "--master-port", str(find_free_port()),
                                 "-m", "megatron_vgpo.train", str(resolved)])
     logger.info("launching %d ranks: %s", world, " ".join(command))
@@ -116,28 +116,30 @@ def run(cfg: TrainConfig) -> dict | None:
     """Run the job described by ``cfg``; rank 0 returns the summary (also written to ``RUN_DIR/summary.json``),
     other ranks return None.
 
-    Single process: the Megatron check launches its own ``tp * pp`` ranks. Under ``torchrun`` (world size a
-    multiple of ``tp * pp``): rank 0 prepares the model and data while the others wait, every rank takes part
-    in the Megatron check at the configured layout (extra ranks are data-parallel replicas), and rank 0
-    validates and writes the summary.
+    Single process: a training job relaunches itself under ``torchrun`` with ``tp * pp * dp`` ranks once the
+    layout has passed :func:`~megatron_vgpo.launch.preflight.check_job_layout` (a layout that cannot run is one
+    :class:`~megatron_vgpo.launch.preflight.PreflightError` here, before any rank starts); an evaluation-only
+    job runs its Megatron check on ``tp * pp`` ranks of its own. Under ``torchrun`` (world size a multiple of
+    ``tp * pp``, equal to ``tp * pp * dp`` unless ``dp`` is 1): rank 0 prepares the model and data while the
+    others wait, every rank takes part in the Megatron check at the configured layout (extra ranks are
+    data-parallel replicas), and rank 0 validates and writes the summary.
     """
     import torch
     import torch.distributed as dist
 
     from megatron_vgpo.distributed.process_groups import init_torch_distributed
+    from megatron_vgpo.launch.preflight import PreflightError, check_job_layout
     from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
 
     distributed = launched_by_torchrun()
-    if needs_actor(cfg) and not distributed and cfg.parallel.tp * cfg.parallel.pp > 1:
+    par = cfg.parallel
+    if needs_actor(cfg) and not distributed and par.tp * par.pp * par.dp > 1:
+        check_job_layout(cfg, prepare_model(cfg.model, Path(cfg.run_dir)))  # before any rank starts
         return _relaunch_under_torchrun(cfg)
     started = time.monotonic()
     run_dir = Path(cfg.run_dir)
     if distributed:
         init_torch_distributed()
-        world, par = dist.get_world_size(), cfg.parallel
-        if world % (par.tp * par.pp) != 0:
-            raise ValueError(f"world size {world} is not divisible by parallel.tp ({par.tp}) x parallel.pp "
-                             f"({par.pp}); launch a multiple of {par.tp * par.pp} processes")
     is_main = not distributed or dist.get_rank() == 0
     torch.manual_seed(cfg.seed)
 
@@ -145,9 +147,18 @@ def run(cfg: TrainConfig) -> dict | None:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        prepared = [(prepare_model(cfg.model, run_dir), prepare_data(cfg.data, run_dir))]
+        try:
+            hf_dir = prepare_model(cfg.model, run_dir)
+            if distributed:
+                nproc = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+                check_job_layout(cfg, hf_dir, nnodes=dist.get_world_size() // nproc, nproc_per_node=nproc)
+            prepared = [(hf_dir, prepare_data(cfg.data, run_dir))]
+        except PreflightError as err:
+            prepared = [err]
     if distributed:
         dist.broadcast_object_list(prepared, src=0)
+    if isinstance(prepared[0], PreflightError):
+        raise prepared[0]  # on every rank: nobody is left waiting in a collective
     hf_dir, (train_files, val_files) = prepared[0]
 
     parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
@@ -271,7 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"megatron-vgpo train: config error: {err}", file=sys.stderr)
         return 2
     _setup_logging(cfg.logging.level, Path(cfg.run_dir))
-    summary = run(cfg)
+    from megatron_vgpo.launch.preflight import PreflightError
+
+    try:
+        summary = run(cfg)
+    except PreflightError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron-vgpo train: layout error: {err}", file=sys.stderr)
+        return 2
     if summary is not None:
         print(json.dumps(summary, indent=2))
     return 0

@@ -44,7 +44,7 @@ def test_vgpo_loop_checkpoints_and_resumes(tmp_path: Path):
         assert r["actor/steps"] == 1 and r["actor/skipped_steps"] == 0
         assert r["actor/grad_norm"] is not None
         assert any(k.startswith("vgpo/") for k in r) and any(k.startswith("focus/bin_") for k in r)
-        assert r["sync/seconds"] > 0 and r["rollout/kept_groups"] == 2
+        assert r["time/sync"] > 0 and r["rollout/kept_groups"] == 2
     assert (run_dir / "checkpoints" / "latest").is_file()
 
     # same run_dir, more steps: continues from the checkpoint of step 2

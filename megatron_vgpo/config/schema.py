@@ -79,15 +79,22 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron layout: tensor (``tp``, with sequence parallel ``sp``) x pipeline (``pp``) x data (rest)."""
+    """Megatron layout: tensor (``tp``, with sequence parallel ``sp``) x pipeline (``pp``) x data (``dp``).
+
+    The single-process command (``megatron-vgpo train CONFIG``) launches ``tp * pp * dp`` ranks on this
+    machine. Under an outside launcher (``torchrun``, ``cluster/torchrun/launch.sh``, NeMo-Run, Slurm) the
+    world size decides: it must be a multiple of ``tp * pp``, the quotient is the data-parallel size, and a
+    ``dp`` other than 1 must equal it (a mismatch is refused before any rank builds a model).
+    """
 
     tp: int = 1
     pp: int = 1
+    dp: int = 1
     sp: bool = False
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.dp < 1:
+            raise ValueError(f"tp, pp and dp must be >= 1, got tp={self.tp} pp={self.pp} dp={self.dp}")
         if self.sp and self.tp == 1:
             raise ValueError("sp (sequence parallel) needs tp > 1")
 
@@ -106,7 +113,10 @@ class RolloutConfig:
     """Rollout engine and sampling. ``backend="sglang"`` runs SGLang (in its worker process on CPU); with
     ``fallback_to_hf`` the transformers backend is used when SGLang cannot start. ``engine_kwargs`` go to
     ``sglang.Engine``. Weights reach the engine after every update by ``weight_sync`` in buckets of
-    ``sync_bucket_mb``."""
+    ``sync_bucket_mb``. ``verify_sync_every`` (0: never) checks every N-th sync: the engine and the actor
+    score one fixed held-out probe and the run stops if their log-probs differ by more than
+    ``verify_sync_tolerance`` (``null``: 2e-3 for float32 models, 1e-1 for bfloat16); metrics
+    ``sync/probe_max_abs_diff`` and ``sync/probe_change_from_start``."""
 
     backend: Literal["sglang", "hf"] = "sglang"
     fallback_to_hf: bool = True
@@ -117,8 +127,14 @@ class RolloutConfig:
     weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
     sync_bucket_mb: float = 512.0
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    verify_sync_every: int = 0
+    verify_sync_tolerance: float | None = None
 
     def __post_init__(self) -> None:
+        if self.verify_sync_every < 0:
+            raise ValueError(f"verify_sync_every must be >= 0 (0: never), got {self.verify_sync_every}")
+        if self.verify_sync_tolerance is not None and self.verify_sync_tolerance <= 0:
+            raise ValueError(f"verify_sync_tolerance must be > 0, got {self.verify_sync_tolerance}")
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
         if not 0.0 < self.top_p <= 1.0 or self.temperature < 0.0:
@@ -191,7 +207,10 @@ class SFTConfig:
 class TrainerConfig:
     """The RL loop: ``steps`` rollout steps of ``prompts_per_step`` prompts (x ``rollout.n`` samples), each
     followed by ``mini_batches`` optimizer steps; validation every ``val_every`` steps, a checkpoint every
-    ``save_every`` steps (0: never); ``resume`` continues from ``RUN_DIR/checkpoints/latest``."""
+    ``save_every`` steps (0: never); ``resume`` continues from ``RUN_DIR/checkpoints/latest``.
+    ``dump_tensors`` writes, every step and on every rank, what the update trained on to
+    ``RUN_DIR/dump/step_<k>_rank_<r>.pt`` (rewards, group ids, focus cosines, response mask, advantages):
+    for debugging and for the tests that check the loop's wiring; small, but off by default."""
 
     steps: int = 0
     prompts_per_step: int = 512
@@ -200,6 +219,7 @@ class TrainerConfig:
     val_every: int = 5
     save_every: int = 5
     resume: bool = True
+    dump_tensors: bool = False
 
 
 @dataclass

@@ -51,8 +51,9 @@ class CheckResult:
     message: str
 
 
-def check_world_size(nnodes: int, nproc_per_node: int, tp: int, pp: int) -> str:
-    """The world must be a multiple of TP x PP and a node must hold whole TP groups."""
+def check_world_size(nnodes: int, nproc_per_node: int, tp: int, pp: int, dp: int = 1) -> str:
+    """The world must be a multiple of TP x PP (equal to TP x PP x DP when ``dp`` is not 1) and a node must
+    hold whole TP groups."""
     world = nnodes * nproc_per_node
     if nnodes < 1 or nproc_per_node < 1:
         raise PreflightError(f"nnodes ({nnodes}) and nproc_per_node ({nproc_per_node}) must be >= 1")
@@ -61,6 +62,11 @@ def check_world_size(nnodes: int, nproc_per_node: int, tp: int, pp: int) -> str:
             f"world size {world} (nnodes {nnodes} x nproc_per_node {nproc_per_node}) is not divisible by "
             f"parallel.tp ({tp}) x parallel.pp ({pp}) = {tp * pp}; launch a multiple of {tp * pp} processes "
             f"or change the layout (megatron-vgpo plan lists the feasible ones)")
+    if dp != 1 and world != tp * pp * dp:
+        raise PreflightError(
+            f"world size {world} (nnodes {nnodes} x nproc_per_node {nproc_per_node}) != parallel.tp ({tp}) x "
+            f"parallel.pp ({pp}) x parallel.dp ({dp}) = {tp * pp * dp}; launch {tp * pp * dp} processes, or set "
+            f"parallel.dp=1 to let the world size decide (DP{world // (tp * pp)})")
     if nproc_per_node % tp:
         raise PreflightError(
             f"nproc_per_node {nproc_per_node} is not a multiple of parallel.tp ({tp}): a tensor-parallel group "
@@ -88,6 +94,32 @@ def check_model(hf_dir: str | None, tp: int, pp: int) -> tuple[str, Any]:
     except (ValueError, LayoutError) as e:
         raise PreflightError(f"model.hf_dir={folder}: {e}") from e
     return f"{folder} (layout TP{tp} x PP{pp} supported)", cfg
+
+
+def check_job_layout(cfg: Any, hf_dir: str | Path, *, nnodes: int = 1, nproc_per_node: int | None = None) -> str:
+    """Refuse, in one line, a training job whose layout cannot run, before any rank builds a model.
+
+    Checks the world (``nnodes x nproc_per_node``; default one node of ``tp * pp * dp`` processes, what the
+    single-process command launches) against ``parallel``, the model folder's config against TP/PP (heads,
+    KV heads, MLP width, layers) and that a step's trajectories split over the DP ranks.
+    """
+    par = cfg.parallel
+    nproc = nproc_per_node if nproc_per_node is not None else par.tp * par.pp * par.dp
+    world = check_world_size(nnodes, nproc, par.tp, par.pp, par.dp)
+    from megatron_vgpo.checkpoint.memory_plan import LayoutError, check_layout
+    from megatron_vgpo.models.known_configs import load_hf_config
+
+    try:
+        check_layout(load_hf_config(Path(hf_dir)), par.tp, par.pp)
+    except (ValueError, LayoutError) as e:
+        raise PreflightError(f"parallel.tp={par.tp} parallel.pp={par.pp} do not fit the model {hf_dir}: {e}") from e
+    dp = nnodes * nproc // (par.tp * par.pp)
+    trajectories = cfg.trainer.prompts_per_step * cfg.rollout.n
+    if cfg.trainer.steps > 0 and trajectories % dp:
+        raise PreflightError(f"trainer.prompts_per_step ({cfg.trainer.prompts_per_step}) x rollout.n "
+                             f"({cfg.rollout.n}) = {trajectories} trajectories per step do not split over {dp} "
+                             "data-parallel ranks; make the product a multiple of the DP size")
+    return world
 
 
 def check_checkpoint(path: str) -> str:
@@ -217,7 +249,7 @@ def run_checks(args: argparse.Namespace) -> list[CheckResult]:
         results.append(CheckResult(name, "ok", message))
         return out
 
-    record("world size", lambda: check_world_size(args.nnodes, args.nproc_per_node, tp, pp))
+    record("world size", lambda: check_world_size(args.nnodes, args.nproc_per_node, tp, pp, cfg.parallel.dp))
     model_out = record("model", lambda: check_model(cfg.model.hf_dir, tp, pp))
     if model_out is not None:
         hf_cfg = model_out[1]

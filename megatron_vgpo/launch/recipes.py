@@ -100,7 +100,7 @@ def check_world(cfg: TrainConfig, nodes: int, nproc_per_node: int) -> None:
     from megatron_vgpo.launch.preflight import PreflightError, check_world_size
 
     try:
-        check_world_size(nodes, nproc_per_node, cfg.parallel.tp, cfg.parallel.pp)
+        check_world_size(nodes, nproc_per_node, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
     except PreflightError as e:
         raise RecipeError(str(e)) from e
 

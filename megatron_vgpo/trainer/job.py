@@ -136,10 +136,11 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         if (sft_dir / "config.json").is_file():
             hf_dir = sft_dir
 
+        cosine = cfg.optimizer.lr_schedule == "cosine" and cfg.trainer.steps > 0  # steps=0: SFT / evaluation only
         actor = MegatronActor(hf_dir, _actor_config(
-            cfg, lr=cfg.optimizer.lr, warmup=cfg.optimizer.warmup_steps, schedule=cfg.optimizer.lr_schedule,
-            decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cfg.optimizer.lr_schedule == "cosine"
-            else None))
+            cfg, lr=cfg.optimizer.lr, warmup=cfg.optimizer.warmup_steps if cfg.trainer.steps > 0 else 0,
+            schedule="cosine" if cosine else "constant",
+            decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cosine else None))
         engine = make_engine(cfg, hf_dir) if rank0 else None
         before_path = run_dir / "val_before.json"
         if resuming and before_path.is_file():
@@ -158,7 +159,8 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
                     before.get("val/boxed_fraction", float("nan")))
         sampler = PromptSampler(len(train_ds), cfg.trainer.prompts_per_step, seed=cfg.seed)
         counters = rl_loop(cfg, actor, engine, grader, train_ds, sampler, validate, metrics.log, decode=decode,
-                           vision_token_ids=ids.vision_markers, **token_ids)
+                           vision_token_ids=ids.vision_markers, sync_probe=_sync_probe(cfg, val_ds, tokenizer, actor),
+                           **token_ids)
         after = validate()
         val_after = after["val/accuracy"]
         logger.info("validation after RL: accuracy %.3f (before %.3f), boxed answers %.3f", val_after, val_before,
@@ -179,6 +181,23 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     if not rank0:
         return None
     return write_summary(run_dir, summary, started=started, hf_dir=hf_dir, datasets=datasets, parity=parity)
+
+
+PROBE_RESPONSE = "The answer is \\boxed{1}."
+
+
+def _sync_probe(cfg: TrainConfig, val_ds: Any, tokenizer: Any, actor: Any) -> Any:
+    """The fixed probe of ``rollout.verify_sync_every`` (None when off): the first held-out prompt and
+    :data:`PROBE_RESPONSE`."""
+    if not cfg.rollout.verify_sync_every:
+        return None
+    from megatron_vgpo.models.tokenizers import special_token_ids
+    from megatron_vgpo.trainer.sync_probe import SyncProbe
+
+    ids = special_token_ids(tokenizer)
+    tolerance = cfg.rollout.verify_sync_tolerance or (2e-3 if cfg.model.dtype == "float32" else 1e-1)
+    return SyncProbe(val_ds[0], tokenizer.encode(PROBE_RESPONSE, add_special_tokens=False), tolerance=tolerance,
+                     pad_token_id=ids.pad, image_token_id=ids.image_pad, seq_multiple=actor.seq_multiple)
 
 
 def _previous_dir(out_dir: Path) -> Path:

@@ -25,12 +25,14 @@ logger = logging.getLogger(__name__)
 def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: Any, sampler: Any,
             validate: Callable[[], dict[str, float]], log: Callable[[int, dict[str, float]], None], *,
             decode: Callable[[list[int]], str], pad_token_id: int, image_token_id: int,
-            vision_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+            vision_token_ids: tuple[int, ...] = (), sync_probe: Any = None) -> dict[str, Any]:
     """Run ``trainer.steps`` RL steps (continuing after a resumed checkpoint); returns counters.
 
     Checkpoints are written every ``trainer.save_every`` steps once the actor has taken an optimizer step
     (before that there is nothing to resume but the starting weights). Sampled responses are cut before
-    any of ``vision_token_ids`` (see :func:`collect_rollouts`)."""
+    any of ``vision_token_ids`` (see :func:`collect_rollouts`). With ``sync_probe``
+    (:class:`~megatron_vgpo.trainer.sync_probe.SyncProbe`) every ``rollout.verify_sync_every``-th sync (and
+    the first one) is verified by log-probs."""
     tc, rank0 = cfg.trainer, dist.get_rank() == 0
     ckpt_root = Path(cfg.run_dir) / "checkpoints"
     start = 0
@@ -41,6 +43,9 @@ def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: An
             sampler.load_state_dict(extra["sampler"])
         logger.info("resumed from %s at step %d", ckpt_root, start)
     sync_weights(actor, engine, cfg)  # the engine starts from the HF folder; make it equal the actor
+    every = cfg.rollout.verify_sync_every if sync_probe is not None else 0
+    if every:
+        logger.info("weight sync verified by a probe: %s", sync_probe.check(actor, engine))
     bar = tqdm(total=tc.steps, initial=start, desc="rl", unit="step", disable=not rank0)
     for step in range(start, tc.steps):
         began = time.perf_counter()
@@ -54,9 +59,13 @@ def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: An
             logger.warning("step %d: no group kept by dynamic sampling; no update this step", step)
         else:
             prompts = [train_ds[i] for i in rollouts.prompt_index]
+            dump = (Path(cfg.run_dir) / "dump" / f"step_{step + 1:06d}_rank_{dist.get_rank()}.pt"
+                    if tc.dump_tensors else None)
             metrics.update(update_policy(actor, prompts, rollouts, cfg, pad_token_id=pad_token_id,
-                                         image_token_id=image_token_id))
-            metrics["sync/seconds"] = metrics["time/sync"] = sync_weights(actor, engine, cfg)
+                                         image_token_id=image_token_id, dump_path=dump))
+            metrics["time/sync"] = sync_weights(actor, engine, cfg)
+            if every and (step + 1) % every == 0:
+                metrics.update(sync_probe.check(actor, engine))
         metrics["time/rollout"] = time_rollout
         metrics["time/step"] = time.perf_counter() - began
         tokens = sum(len(r) for r in rollouts.responses)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,10 +141,11 @@ def focus_curve(rho: torch.Tensor, mask: torch.Tensor, bins: int = FOCUS_BINS) -
 
 
 def update_policy(actor: Any, prompts: Sequence[Any], rollouts: Rollouts, cfg: TrainConfig, *,
-                  pad_token_id: int, image_token_id: int) -> dict[str, float]:
+                  pad_token_id: int, image_token_id: int, dump_path: Path | None = None) -> dict[str, float]:
     """All ranks: build the batch, keep this DP rank's shard, old log-probs (+ focus), advantages (+ VGPO),
     optimizer steps. ``prompts[i]`` is trajectory i's processed prompt. Returns metrics (same on all ranks
-    except the VGPO diagnostics, which describe this rank's shard)."""
+    except the VGPO diagnostics, which describe this rank's shard). With ``dump_path`` the tensors the
+    update trains on are saved there first (:func:`dump_update_inputs`)."""
     from megatron.core import parallel_state as ps
 
     from megatron_vgpo.actor.megatron_actor import LossConfig
@@ -179,12 +181,26 @@ def update_policy(actor: Any, prompts: Sequence[Any], rollouts: Rollouts, cfg: T
     time_logprob = time.perf_counter() - started
     loss_cfg = LossConfig(clip_low=alg.clip_low, clip_high=alg.clip_high, dual_clip=alg.dual_clip, agg=alg.loss_agg,
                           temperature=cfg.rollout.temperature or 1.0, entropy_coef=alg.entropy_coef)
+    if dump_path is not None:
+        dump_update_inputs(dump_path, local, lp, mini_batches=mini_batches)
     train = actor.train_step(local, mini_batches=mini_batches, loss_cfg=loss_cfg,
                              micro_batch_tokens=tc.micro_batch_tokens)
     metrics.update({f"actor/{k}": float(v) for k, v in train.items()})
     metrics["time/logprob"] = time_logprob
     metrics["time/actor"] = time.perf_counter() - started
     return metrics
+
+
+def dump_update_inputs(path: Path, local: Any, lp: Any, *, mini_batches: int) -> None:
+    """Save this rank's shard of what the update trains on (``trainer.dump_tensors``): ``uids`` /
+    ``rewards`` [B_local], ``response_mask`` / ``advantages`` / ``old_log_probs`` [B_local, R] and, with VGPO,
+    ``focus_cos`` [B_local, R] and ``has_image`` [B_local] (CPU tensors, one ``torch.save`` dict)."""
+    fields = {"uids": local.uids, "rewards": local.rewards, "response_mask": local.response_mask,
+              "advantages": local.advantages, "old_log_probs": local.old_log_probs, "focus_cos": lp.focus_cos,
+              "has_image": lp.has_image}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: (v.detach().cpu().clone() if v is not None else None) for k, v in fields.items()}
+               | {"mini_batches": mini_batches}, path)
 
 
 def sync_weights(actor: Any, engine: Any, cfg: TrainConfig) -> float:
