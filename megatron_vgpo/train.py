@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_vgpo.checkpoint.atomic_files import write_file_atomic
 from megatron_vgpo.config import ConfigError, TrainConfig, load_config, to_dict
 
 logger = logging.getLogger("megatron_vgpo.train")
@@ -65,7 +66,7 @@ def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
-    resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_file_atomic(resolved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     world = cfg.parallel.tp * cfg.parallel.pp
     command = torchrun_command(["--nproc-per-node", str(world), "--master-port", str(find_free_port()),
                                 "-m", "megatron_vgpo.train", str(resolved)])
@@ -124,6 +125,7 @@ def run(cfg: TrainConfig) -> dict | None:
     import torch
     import torch.distributed as dist
 
+    from megatron_vgpo.distributed import comm
     from megatron_vgpo.distributed.process_groups import init_torch_distributed
     from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
 
@@ -133,7 +135,7 @@ def run(cfg: TrainConfig) -> dict | None:
     started = time.monotonic()
     run_dir = Path(cfg.run_dir)
     if distributed:
-        init_torch_distributed()
+        init_torch_distributed(timeout_s=cfg.trainer.collective_timeout_s)
         world, par = dist.get_world_size(), cfg.parallel
         if world % (par.tp * par.pp) != 0:
             raise ValueError(f"world size {world} is not divisible by parallel.tp ({par.tp}) x parallel.pp "
@@ -144,24 +146,24 @@ def run(cfg: TrainConfig) -> dict | None:
     prepared: list = [None]
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_file_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         prepared = [(prepare_model(cfg.model, run_dir), prepare_data(cfg.data, run_dir))]
     if distributed:
-        dist.broadcast_object_list(prepared, src=0)
+        comm.broadcast_object_list(prepared, src=0)
     hf_dir, (train_files, val_files) = prepared[0]
 
     parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
     if needs_actor(cfg):
         from megatron_vgpo.trainer.job import train_job
 
-        init_torch_distributed()  # a world of one when not under torchrun
+        init_torch_distributed(timeout_s=cfg.trainer.collective_timeout_s)  # a world of one without torchrun
         return train_job(cfg, hf_dir, train_files, val_files, parity, started)
     if not is_main:
-        dist.barrier()  # wait for rank 0's validation, then leave together
+        comm.barrier()  # wait for rank 0's validation, then leave together
         return None
     summary = _validate_and_summarize(cfg, hf_dir, train_files, val_files, parity, started)
     if distributed:
-        dist.barrier()
+        comm.barrier()
     return summary
 
 
@@ -229,6 +231,7 @@ def megatron_parity_check(hf_dir: Path, cfg: TrainConfig, *, in_process: bool = 
     if in_process:
         import torch.distributed as dist
 
+        from megatron_vgpo.distributed import comm
         from megatron_vgpo.distributed.process_groups import destroy_model_parallel
         from megatron_vgpo.platform import apply_cpu_patches
 
@@ -236,7 +239,7 @@ def megatron_parity_check(hf_dir: Path, cfg: TrainConfig, *, in_process: bool = 
         mine = parity_rank_body(dist.get_rank(), dist.get_world_size(), str(hf_dir), layouts)
         destroy_model_parallel()
         results: list = [None] * dist.get_world_size()
-        dist.all_gather_object(results, mine)
+        comm.all_gather_object(results, mine)
     else:
         results = run_on_ranks(parity_rank_body, par.tp * par.pp, args=(str(hf_dir), layouts),
                                backend=default_backend(), megatron=True, env={"OMP_NUM_THREADS": "1"})

@@ -191,7 +191,13 @@ class SFTConfig:
 class TrainerConfig:
     """The RL loop: ``steps`` rollout steps of ``prompts_per_step`` prompts (x ``rollout.n`` samples), each
     followed by ``mini_batches`` optimizer steps; validation every ``val_every`` steps, a checkpoint every
-    ``save_every`` steps (0: never); ``resume`` continues from ``RUN_DIR/checkpoints/latest``."""
+    ``save_every`` steps (0: never); ``resume`` continues from ``RUN_DIR/checkpoints/latest``.
+
+    ``collective_timeout_s`` (> 0, seconds): how long any collective may wait before the process groups (the
+    default group and Megatron's) abort the job. While rank 0 generates a step's rollouts the other ranks wait
+    in one collective for the whole rollout phase, and on the paper's scale (up to 8 dynamic-sampling rounds of
+    512 prompts x 8 samples x 2048 tokens) that outlasts torch's and Megatron's 30 minutes; the default, 4 hours,
+    covers such a step with room to spare while a truly hung job still ends the same day."""
 
     steps: int = 0
     prompts_per_step: int = 512
@@ -200,6 +206,11 @@ class TrainerConfig:
     val_every: int = 5
     save_every: int = 5
     resume: bool = True
+    collective_timeout_s: float = 14400.0
+
+    def __post_init__(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
 
 
 @dataclass
