@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_vgpo.checkpoint.atomic_files import write_file_atomic
 from megatron_vgpo.config import ConfigError, TrainConfig, load_config, to_dict
 
 logger = logging.getLogger("megatron_vgpo.train")
@@ -65,7 +66,7 @@ def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
-    resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_file_atomic(resolved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
     command = torchrun_command(["--nproc-per-node", str(world), "--master-port", str(find_free_port()),
                                 "-m", "megatron_vgpo.train", str(resolved)])
@@ -127,6 +128,7 @@ def run(cfg: TrainConfig) -> dict | None:
     import torch
     import torch.distributed as dist
 
+    from megatron_vgpo.distributed import comm
     from megatron_vgpo.distributed.process_groups import init_torch_distributed
     from megatron_vgpo.launch.preflight import PreflightError, check_job_layout
     from megatron_vgpo.trainer.prepare import prepare_data, prepare_model
@@ -139,14 +141,14 @@ def run(cfg: TrainConfig) -> dict | None:
     started = time.monotonic()
     run_dir = Path(cfg.run_dir)
     if distributed:
-        init_torch_distributed()
+        init_torch_distributed(timeout_s=cfg.trainer.collective_timeout_s)
     is_main = not distributed or dist.get_rank() == 0
     torch.manual_seed(cfg.seed)
 
     prepared: list = [None]
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_file_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         try:
             hf_dir = prepare_model(cfg.model, run_dir)
             if distributed:
@@ -156,7 +158,7 @@ def run(cfg: TrainConfig) -> dict | None:
         except PreflightError as err:
             prepared = [err]
     if distributed:
-        dist.broadcast_object_list(prepared, src=0)
+        comm.broadcast_object_list(prepared, src=0)
     if isinstance(prepared[0], PreflightError):
         raise prepared[0]  # on every rank: nobody is left waiting in a collective
     hf_dir, (train_files, val_files) = prepared[0]
@@ -165,14 +167,14 @@ def run(cfg: TrainConfig) -> dict | None:
     if needs_actor(cfg):
         from megatron_vgpo.trainer.job import train_job
 
-        init_torch_distributed()  # a world of one when not under torchrun
+        init_torch_distributed(timeout_s=cfg.trainer.collective_timeout_s)  # a world of one without torchrun
         return train_job(cfg, hf_dir, train_files, val_files, parity, started)
     if not is_main:
-        dist.barrier()  # wait for rank 0's validation, then leave together
+        comm.barrier()  # wait for rank 0's validation, then leave together
         return None
     summary = _validate_and_summarize(cfg, hf_dir, train_files, val_files, parity, started)
     if distributed:
-        dist.barrier()
+        comm.barrier()
     return summary
 
 
@@ -240,6 +242,7 @@ def megatron_parity_check(hf_dir: Path, cfg: TrainConfig, *, in_process: bool = 
     if in_process:
         import torch.distributed as dist
 
+        from megatron_vgpo.distributed import comm
         from megatron_vgpo.distributed.process_groups import destroy_model_parallel
         from megatron_vgpo.platform import apply_cpu_patches
 
@@ -247,7 +250,7 @@ def megatron_parity_check(hf_dir: Path, cfg: TrainConfig, *, in_process: bool = 
         mine = parity_rank_body(dist.get_rank(), dist.get_world_size(), str(hf_dir), layouts)
         destroy_model_parallel()
         results: list = [None] * dist.get_world_size()
-        dist.all_gather_object(results, mine)
+        comm.all_gather_object(results, mine)
     else:
         results = run_on_ranks(parity_rank_body, par.tp * par.pp, args=(str(hf_dir), layouts),
                                backend=default_backend(), megatron=True, env={"OMP_NUM_THREADS": "1"})

@@ -6,7 +6,9 @@
 
 Each is a folder that ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``
 load offline; treat it as read-only (copy it before changing anything). Building happens lazily, only for
-the fixtures a session requests. The hub is switched off for the whole test session (``HF_HUB_OFFLINE``).
+the fixtures a session requests. The hub is switched off for the whole test session (``HF_HUB_OFFLINE``), and
+the collective audit of ``megatron_vgpo.distributed.comm`` is on in every process the tests start (each
+subprocess and torchrun rank inherits ``MEGATRON_VGPO_COLLECTIVE_AUDIT=1``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MEGATRON_VGPO_COLLECTIVE_AUDIT", "1")
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **options: object) -> Path:

@@ -44,6 +44,8 @@ def test_yaml_and_overrides_build_typed_config(tmp_path: Path):
          "trainer.steps x trainer.mini_batches = 10 updates, which must exceed optimizer.warmup_steps (10)"),
         (["sft.enabled=true", "sft.lr_schedule=cosine", "sft.max_steps=5"],
          "sft.max_steps (5), which must exceed sft.warmup_steps (50)"),
+        (["trainer.collective_timeout_s=0"], "trainer: collective_timeout_s must be > 0 seconds, got 0"),
+        (["trainer.collective_timeout_s=-5"], "trainer: collective_timeout_s must be > 0 seconds, got -5"),
     ],
 )
 def test_errors_name_the_key(overrides, message):
@@ -59,6 +61,11 @@ def test_missing_and_malformed_files(tmp_path: Path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+    for text in ("", "# only a comment\n", "---\n"):  # an empty document is a wrong or truncated file
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty\.yaml: the config file is empty"):
+            load_config(empty)
 
 
 def test_overrides_do_not_mutate_input():

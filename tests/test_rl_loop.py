@@ -59,8 +59,13 @@ def test_sft_warm_start_then_grpo_baseline_by_one_override(tmp_path: Path):
     run_dir = tmp_path / "grpo"
     sft = ["sft.enabled=true", "sft.max_steps=12", "sft.batch_size=8", "sft.eval_every=6", "sft.eval_samples=4",
            "sft.warmup_steps=1", "sft.target_accuracy=1.0", "sft.target_boxed_fraction=0.0"]
-    summary = _train(run_dir, "trainer.steps=1", "algorithm.name=grpo", "trainer.save_every=0", *sft)
+    summary = _train(run_dir, "trainer.steps=1", "algorithm.name=grpo", "trainer.save_every=0",
+                     "trainer.collective_timeout_s=5400", *sft)
     assert summary["algorithm"] == "grpo"
+    # the configured timeout reaches the relaunch config and, read back from torch, every process group
+    assert "collective_timeout_s: 5400" in (run_dir / "config.yaml").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "collective timeouts (s): default group 5400.0, Megatron TP group 5400.0, DP group 5400.0" in log
     assert summary["sft_steps"] == 6 and 0.0 <= summary["sft_boxed_fraction"] <= 1.0  # gate hit at step 6
     sft_records = [r for r in _metrics(run_dir) if "sft/nll" in r]
     assert [r["step"] for r in sft_records] == list(range(1, 7))

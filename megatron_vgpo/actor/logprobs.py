@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_vgpo.distributed import comm
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "prediction_rows", "response_log_probs", "vocab_parallel_log_probs"]
@@ -85,7 +87,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             else:
                 row_max = torch.full((r.numel(),), float("-inf"), device=device)
             if reduce:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+                comm.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
             z.sub_(row_max.unsqueeze(-1))
             e = torch.exp(z)
             stats = torch.stack([
@@ -96,7 +98,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             ])
             del e, z
             if reduce:
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+                comm.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
             sum_exp, sum_ez, target_z = stats
             log_sum = torch.log(sum_exp)
             log_probs[begin:begin + chunk] = target_z - log_sum

@@ -45,6 +45,7 @@ from megatron_vgpo.actor.batching import pack_by_token_budget, split_contiguous
 from megatron_vgpo.actor.logprobs import DEFAULT_CHUNK_TOKENS, response_log_probs
 from megatron_vgpo.actor.rl_batch import RLBatch
 from megatron_vgpo.algo.losses import policy_loss, scale_for_dp_average
+from megatron_vgpo.distributed import comm
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class MegatronActor:
         from megatron.core import parallel_state as ps
 
         if self.pp > 1:
-            dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+            comm.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return tensor
 
@@ -323,7 +324,7 @@ class MegatronActor:
                 bad.fill_(1.0)
                 break
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            comm.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item() == 0.0)
 
     def _zero_grads(self) -> None:
@@ -366,7 +367,7 @@ class MegatronActor:
             counts = torch.tensor([float(mini.num_response_tokens), float((mini.response_length > 0).sum())],
                                   device=self.device)
             if self.dp > 1:
-                dist.all_reduce(counts, group=dp_group)
+                comm.all_reduce(counts, group=dp_group)
             global_tokens = counts[:1]
             normalizer = max(float(counts[0].item()), 1.0)
             sequences = max(float(counts[1].item()), 1.0)
@@ -398,7 +399,7 @@ class MegatronActor:
                 for out in stored:
                     sums += out["sums"]
                 if self.dp > 1:
-                    dist.all_reduce(sums, group=dp_group)
+                    comm.all_reduce(sums, group=dp_group)
             sums = self._broadcast_from_last_stage(sums)
             allreduce_vision_grads(self.model)
             totals["loss"] += float(sums[0])

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_vgpo.distributed import comm
+
 _END = "__end_of_stage__"
 
 
@@ -52,18 +54,18 @@ def iter_model_weights_to_rank(model: Any, hf_config: Any, *, dst: int = 0) -> I
                     yield name, tensor
                 elif sends:
                     tensor = tensor.contiguous()
-                    dist.send_object_list([(name, tuple(tensor.shape), tensor.dtype)], dst=dst)
-                    dist.send(tensor, dst=dst)
+                    comm.send_object_list([(name, tuple(tensor.shape), tensor.dtype)], dst=dst)
+                    comm.send(tensor, dst=dst)
             if sends:
-                dist.send_object_list([_END], dst=dst)
+                comm.send_object_list([_END], dst=dst)
         elif rank == dst:
             src = pp_ranks[stage]
             while True:
                 header: list[Any] = [None]
-                dist.recv_object_list(header, src=src)
+                comm.recv_object_list(header, src=src)
                 if header[0] == _END:
                     break
                 name, shape, dtype = header[0]
                 buffer = torch.empty(shape, dtype=dtype, device=device)
-                dist.recv(buffer, src=src)
+                comm.recv(buffer, src=src)
                 yield name, buffer

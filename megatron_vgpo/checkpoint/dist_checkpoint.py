@@ -58,6 +58,7 @@ from megatron_vgpo.checkpoint.config_check import (
     megatron_model_fields,
     unwrap_model,
 )
+from megatron_vgpo.distributed import comm
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _world() -> tuple[int, int]:
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        comm.barrier()
 
 
 def _agree(fn: Callable[[], Any]) -> Any:
@@ -186,7 +187,7 @@ def _agree(fn: Callable[[], Any]) -> Any:
     failed = 1 if error is not None else 0
     if world > 1:
         flag = torch.tensor([failed], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        comm.all_reduce(flag, op=dist.ReduceOp.MAX)
         failed = int(flag.item())
     if error is not None:
         raise error

@@ -538,7 +538,9 @@ def iter_hf_weights(
         local = own[rule.megatron].detach().contiguous()
         if tp > 1 and rule.transform.kind != "replicated":
             gathered = [torch.empty_like(local) for _ in range(tp)]
-            torch.distributed.all_gather(gathered, local, group=group)
+            from megatron_vgpo.distributed import comm
+
+            comm.all_gather(gathered, local, group=group)
         else:
             gathered = [local] * tp
         if emit:

@@ -171,7 +171,7 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a clear error for a missing file or a non-mapping document."""
+    """Read a YAML mapping, with a clear error for a missing file, an empty file or a non-mapping document."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -180,8 +180,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
-    if data is None:
-        return {}
+    if data is None:  # an empty file (or only comments): most likely a wrong or truncated path
+        raise ConfigError(f"{path}: the config file is empty (no keys); give at least one key, e.g. run_dir: runs/x")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data

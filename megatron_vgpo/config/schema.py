@@ -210,7 +210,13 @@ class TrainerConfig:
     ``save_every`` steps (0: never); ``resume`` continues from ``RUN_DIR/checkpoints/latest``.
     ``dump_tensors`` writes, every step and on every rank, what the update trained on to
     ``RUN_DIR/dump/step_<k>_rank_<r>.pt`` (rewards, group ids, focus cosines, response mask, advantages):
-    for debugging and for the tests that check the loop's wiring; small, but off by default."""
+    for debugging and for the tests that check the loop's wiring; small, but off by default.
+
+    ``collective_timeout_s`` (> 0, seconds): how long any collective may wait before the process groups (the
+    default group and Megatron's) abort the job. While rank 0 generates a step's rollouts the other ranks wait
+    in one collective for the whole rollout phase, and on the paper's scale (up to 8 dynamic-sampling rounds of
+    512 prompts x 8 samples x 2048 tokens) that outlasts torch's and Megatron's 30 minutes; the default, 4 hours,
+    covers such a step with room to spare while a truly hung job still ends the same day."""
 
     steps: int = 0
     prompts_per_step: int = 512
@@ -220,6 +226,11 @@ class TrainerConfig:
     save_every: int = 5
     resume: bool = True
     dump_tensors: bool = False
+    collective_timeout_s: float = 14400.0
+
+    def __post_init__(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
 
 
 @dataclass

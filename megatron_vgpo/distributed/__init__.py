@@ -2,6 +2,8 @@
 
 Modules (imported explicitly; this package imports nothing heavy by itself):
 
+* :mod:`.comm` -- every collective of the project, run on its group's device (``comm_device``: cuda for NCCL,
+  cpu for gloo), and the collective audit (``MEGATRON_VGPO_COLLECTIVE_AUDIT=1``) that enforces it.
 * :mod:`.process_groups` -- torch.distributed + Megatron parallel state for a TP x PP x CP x DP grid
   (``init_model_parallel``, ``current_layout``, ``destroy``).
 * :mod:`.multiprocess` -- ``run_on_ranks``: one function on N real spawned processes, per-rank tracebacks

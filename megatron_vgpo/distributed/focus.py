@@ -47,6 +47,7 @@ from megatron_vgpo.algo.focus import (
     response_positions,
     row_lookup_from_positions,
 )
+from megatron_vgpo.distributed import comm
 
 __all__ = [
     "SHARD_MODES",
@@ -97,7 +98,7 @@ def _all_reduce(tensor: torch.Tensor, groups: Sequence[dist.ProcessGroup | None]
         size = _group_size(group)
         if size == 1:
             continue
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        comm.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         if stats is not None:
             stats.record(tensor, size)
     return tensor

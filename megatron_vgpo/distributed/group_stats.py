@@ -29,6 +29,7 @@ from megatron_vgpo.algo.vgpo import (
     compute_token_weights,
     trajectory_factors,
 )
+from megatron_vgpo.distributed import comm
 
 __all__ = [
     "all_gather_rows",
@@ -45,7 +46,8 @@ def all_gather_rows(
 
     Returns ``(all_rows [N, ...], offset)`` where ``offset`` is where this rank's rows start. Without an
     initialized process group (or with a group of one) this is ``(rows, 0)``. Trailing dims and dtype must
-    match on all ranks.
+    match on all ranks. ``rows`` may live on any device (CPU rewards under NCCL included): the gathers run on
+    the group's communication device and the result comes back on ``rows.device``.
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return rows, 0
@@ -53,13 +55,13 @@ def all_gather_rows(
     me = dist.get_rank(group)
     size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
+    comm.all_gather(sizes, size, group=group)
     counts = [int(s.item()) for s in sizes]
     longest = max(counts)
     padded = rows.new_zeros((longest, *rows.shape[1:]))
     padded[: rows.shape[0]] = rows
     pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
+    comm.all_gather(pieces, padded, group=group)
     full = torch.cat([piece[:n] for piece, n in zip(pieces, counts)], dim=0)
     return full, sum(counts[:me])
 

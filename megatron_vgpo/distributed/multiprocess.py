@@ -74,10 +74,15 @@ def _rank_main(
     )
     torch.set_num_threads(1)
     try:
+        from megatron_vgpo.distributed.comm import maybe_install_audit
+
+        maybe_install_audit()  # MEGATRON_VGPO_COLLECTIVE_AUDIT=1 (the test-suite sets it)
         if megatron:
             from megatron_vgpo.platform import apply_cpu_patches
 
             apply_cpu_patches()
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -44,8 +45,20 @@ class ParallelLayout:
         return self.pp_rank == self.pp - 1
 
 
-def init_torch_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
-    """Initialize the default process group once (env:// rendezvous; a world of 1 if no env is set)."""
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default; a job passes ``trainer.collective_timeout_s``
+
+
+def init_torch_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Initialize the default process group once (env:// rendezvous; a world of 1 if no env is set).
+
+    ``timeout_s`` is how long a collective may wait before the process group aborts it (the other ranks wait
+    in one while rank 0 generates rollouts). With NCCL the current CUDA device is set to ``LOCAL_RANK`` first
+    (object collectives stage their tensors there). Installs the collective audit of
+    :mod:`megatron_vgpo.distributed.comm` when ``MEGATRON_VGPO_COLLECTIVE_AUDIT=1``.
+    """
+    from megatron_vgpo.distributed.comm import maybe_install_audit
+
+    maybe_install_audit()
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -67,15 +80,18 @@ def init_model_parallel(
     seed: int = 1234,
     virtual_pp: int | None = None,
     backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> ParallelLayout:
     """Set up torch.distributed and Megatron's parallel state for a TP x PP x CP x DP grid.
 
     Applies the CPU patches first (no-op with CUDA), checks that ``tp * pp * cp`` divides the world
     size, initializes Megatron's groups (rank order tp-cp-dp-pp, Megatron's default) and seeds its RNG
-    tracker with ``seed`` (TP ranks get distinct model-parallel streams, as on GPU).
+    tracker with ``seed`` (TP ranks get distinct model-parallel streams, as on GPU). ``timeout_s`` is the
+    collectives' timeout of the default group (when this call creates it) and of Megatron's groups (which
+    otherwise get Megatron's own 30 minutes), rounded up to whole minutes for Megatron.
     """
     apply_cpu_patches()
-    init_torch_distributed(backend)
+    init_torch_distributed(backend, timeout_s=timeout_s)
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -91,12 +107,25 @@ def init_model_parallel(
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=virtual_pp,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60.0)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     layout = current_layout()
     logger.debug("parallel layout: %s on %s", layout, compute_device())
     return layout
+
+
+def group_timeout_s(group: dist.ProcessGroup | None = None) -> float | None:
+    """The collectives' timeout torch stores for ``group`` (None = default group), in seconds; None where this
+    torch build does not expose it."""
+    from megatron_vgpo.distributed.comm import comm_device
+
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        return float(pg._get_backend(comm_device(group)).options._timeout.total_seconds())
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def current_layout() -> ParallelLayout:

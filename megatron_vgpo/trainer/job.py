@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vgpo.config import TrainConfig, to_dict
+from megatron_vgpo.distributed import comm
 from megatron_vgpo.trainer.rl_step import broadcast_object, sync_weights
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ def write_summary(run_dir: Path, summary: dict[str, Any], *, started: float, hf_
     summary.update(wall_seconds=round(time.monotonic() - started, 2), model_dir=str(hf_dir),
                    train_prompts=len(datasets["train"]), val_prompts=len(datasets["val"]),
                    skipped_rows={k: dict(v.skipped) for k, v in datasets.items()}, megatron_parity=parity)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from megatron_vgpo.checkpoint.atomic_files import write_file_atomic
+
+    write_file_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     logger.info("wrote %s", run_dir / "summary.json")
     return summary
 
@@ -82,7 +85,9 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
 
     run_dir = Path(cfg.run_dir)
     rank0 = dist.get_rank() == 0
-    init_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
+    init_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed,
+                        timeout_s=cfg.trainer.collective_timeout_s)
+    _log_collective_timeouts()
     processor = AutoProcessor.from_pretrained(hf_dir)
     tokenizer = processor.tokenizer
     ids = special_token_ids(tokenizer)
@@ -113,7 +118,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
             from megatron_vgpo.checkpoint.atomic_files import restore_replaced_dir
 
             restore_replaced_dir(sft_dir, _previous_dir(sft_dir))
-        dist.barrier()
+        comm.barrier()
         resuming = cfg.trainer.resume and (run_dir / "checkpoints" / "latest").is_file()
         if cfg.sft.enabled and not (sft_dir / "config.json").is_file() and not resuming:
             cosine = cfg.sft.lr_schedule == "cosine"
@@ -219,6 +224,17 @@ def _write_plots(run_dir: Path) -> list[str]:
     return [path.name for path in result.paths]
 
 
+def _log_collective_timeouts() -> None:
+    """Log the timeouts torch stores for the default group and Megatron's TP and DP groups (read back)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vgpo.distributed.process_groups import group_timeout_s
+
+    logger.info("collective timeouts (s): default group %s, Megatron TP group %s, DP group %s",
+                group_timeout_s(), group_timeout_s(ps.get_tensor_model_parallel_group()),
+                group_timeout_s(ps.get_data_parallel_group()))
+
+
 def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> None:
     """Write the actor's weights as an HF folder (tokenizer/processor copied from ``template_dir``), atomically:
     into ``out_dir.tmp``, then swapped in with ``out_dir.old`` holding the previous folder until the new one is
@@ -238,4 +254,4 @@ def _export_hf(actor: Any, template_dir: Path, out_dir: Path, rank0: bool) -> No
     else:
         for _ in weights:
             pass
-    dist.barrier()
+    comm.barrier()

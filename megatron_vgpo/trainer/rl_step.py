@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_vgpo.algo.dynamic_sampling import disagreement_fraction, group_filter_mask
 from megatron_vgpo.algo.vgpo import apply_vgpo, focus_from_cosine
 from megatron_vgpo.config.schema import TrainConfig
+from megatron_vgpo.distributed import comm
 from megatron_vgpo.distributed.group_stats import dp_outcome_advantages, dp_vgpo_factors
 from megatron_vgpo.rollout.base import RolloutRequest, SamplingParams, cut_before_tokens
 
@@ -122,7 +123,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    comm.broadcast_object_list(box, src=src)
     return box[0]
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from megatron_vgpo.distributed import comm
 
 TEXT_TOLERANCE = 1e-4
 IMAGE_TOLERANCE = 2e-3
@@ -146,7 +147,7 @@ def weight_sync_rank_body(rank: int, world_size: int, hf_dir: str, tp: int, pp: 
         for index, transport in enumerate(transports):
             _perturb(actor.model, seed=index + 1, scale=perturb_scale)
             box: list[Any] = [_engine_pass(engine, requests) if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
+            comm.broadcast_object_list(box, src=0)
             responses, engine_lp = box[0]
             before = _gaps(engine_lp, _actor_log_probs(actor, prompt_tensors, responses, processor))
 
@@ -162,7 +163,7 @@ def weight_sync_rank_body(rank: int, world_size: int, hf_dir: str, tp: int, pp: 
             seconds = time.perf_counter() - started
 
             box = [_engine_pass(engine, requests) if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
+            comm.broadcast_object_list(box, src=0)
             responses, engine_lp = box[0]
             after = _gaps(engine_lp, _actor_log_probs(actor, prompt_tensors, responses, processor))
             report["transports"][transport] = {

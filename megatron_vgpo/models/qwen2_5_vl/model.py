@@ -314,7 +314,9 @@ def allreduce_vision_grads(model: torch.nn.Module) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat, group=group)
+    from megatron_vgpo.distributed import comm
+
+    comm.all_reduce(flat, group=group)
     flat /= tp
     offset = 0
     for g in grads:

@@ -132,7 +132,9 @@ def gather_tp(tensor: Tensor, dim: int) -> Tensor:
     if tp == 1:
         return tensor
     pieces = [torch.empty_like(tensor) for _ in range(tp)]
-    torch.distributed.all_gather(pieces, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+    from megatron_vgpo.distributed import comm
+
+    comm.all_gather(pieces, tensor, group=ps.get_tensor_model_parallel_group())
     return torch.cat(pieces, dim=dim)
 
 
