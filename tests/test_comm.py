@@ -145,3 +145,27 @@ def test_audit_refuses_bypasses_and_wrong_devices_and_accepts_comm_wrappers():
         assert out["timeouts"] == (300.0, 3000.0, 3000.0)
     assert results[1]["p2p"] == (("w", (2,)), [7.0, 8.0])
 
+
+
+_INIT_CHECK = '''
+import torch.distributed as dist
+from megatron_vgpo.distributed import comm
+from megatron_vgpo.distributed.process_groups import group_timeout_s, init_torch_distributed
+assert not comm.audit_installed()
+init_torch_distributed(timeout_s=4321.0)
+print(comm.audit_installed(), group_timeout_s(), dist.all_reduce.__name__, dist.get_world_size())
+dist.destroy_process_group()
+'''
+
+
+def test_init_torch_distributed_installs_the_audit_and_sets_the_timeout():
+    """What a torchrun rank of the job does first (here a world of one, in a fresh interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", _INIT_CHECK], capture_output=True, text=True, timeout=120,
+                          env={**env, comm.AUDIT_ENV: "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "4321.0", "all_reduce", "1"]
