@@ -53,8 +53,7 @@ def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: An
         if len(rollouts) == 0:
             logger.warning("step %d: no group kept by dynamic sampling; no update this step", step)
         else:
-            prompts = [train_ds[i] for i in rollouts.prompt_index]
-            metrics.update(update_policy(actor, prompts, rollouts, cfg, pad_token_id=pad_token_id,
+            metrics.update(update_policy(actor, train_ds, rollouts, cfg, pad_token_id=pad_token_id,
                                          image_token_id=image_token_id))
             metrics["sync/seconds"] = metrics["time/sync"] = sync_weights(actor, engine, cfg)
         metrics["time/rollout"] = time_rollout
