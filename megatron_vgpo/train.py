@@ -47,8 +47,9 @@ def launched_by_torchrun() -> bool:
 
 
 def needs_actor(cfg: TrainConfig) -> bool:
-    """True when the job trains (SFT warm start or RL steps), i.e. needs the Megatron actor's ranks."""
-    return cfg.trainer.steps > 0 or cfg.sft.enabled
+    """True when the job trains (SFT warm start or RL steps) or starts from a Megatron checkpoint
+    (``model.load_checkpoint``), i.e. needs the Megatron actor's ranks."""
+    return cfg.trainer.steps > 0 or cfg.sft.enabled or bool(cfg.model.load_checkpoint)
 
 
 def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
@@ -149,6 +150,10 @@ def run(cfg: TrainConfig) -> dict | None:
     if distributed:
         dist.broadcast_object_list(prepared, src=0)
     hf_dir, (train_files, val_files) = prepared[0]
+    if cfg.model.load_checkpoint:  # refuse a missing or mismatched start checkpoint before any model is built
+        from megatron_vgpo.trainer.job import check_start_checkpoint
+
+        check_start_checkpoint(cfg.model.load_checkpoint, hf_dir)
 
     parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
     if needs_actor(cfg):
