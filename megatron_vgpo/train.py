@@ -186,7 +186,7 @@ def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Pa
     datasets = load_datasets(cfg.data, processor, train_files, val_files)
 
     val = datasets["val"]
-    val_samples = [val[i] for i in range(min(cfg.validation.num_samples, len(val)))]
+    val_samples = [val.prompt_inputs(i) for i in range(min(cfg.validation.num_samples, len(val)))]
     engine = make_engine(cfg, hf_dir, backend="hf")
     tokenizer = processor.tokenizer
     with MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,

@@ -98,7 +98,9 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     ids = special_token_ids(tokenizer)
     datasets = load_datasets(cfg.data, processor, train_files, val_files)
     train_ds, val_ds = datasets["train"], datasets["val"]
-    val_samples = [val_ds[i] for i in range(min(cfg.validation.num_samples, len(val_ds)))]
+    # rank 0's engine reads prompt text + raw images only: no image processor, no copies on other ranks
+    val_samples = ([val_ds.prompt_inputs(i) for i in range(min(cfg.validation.num_samples, len(val_ds)))]
+                   if rank0 else [])
     token_ids = {"pad_token_id": ids.pad, "image_token_id": ids.image_pad}
 
     def decode(token_list: list[int]) -> str:
