@@ -121,7 +121,8 @@ class RolloutConfig:
     that list is empty, ``num_servers`` servers the job launches itself on 127.0.0.1 (``engine_kwargs`` are
     their ``sglang.launch_server`` options; logs in ``RUN_DIR/sglang_server_<k>.log``; stopped at the end).
     Over HTTP ``weight_sync`` must be ``disk`` (``RUN_DIR/weight_sync``, a folder every server must read) or
-    ``distributed`` (a process group to the servers: gloo on CPU, NCCL on GPUs).
+    ``distributed`` (a process group to the servers: gloo on CPU, NCCL on GPUs; the servers connect to
+    ``sync_master_address``, this host's address as they see it: keep 127.0.0.1 for servers on this host).
     """
 
     backend: Literal["sglang", "hf", "sglang_server"] = "sglang"
@@ -135,6 +136,7 @@ class RolloutConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     server_urls: list[str] = field(default_factory=list)
     num_servers: int = 1
+    sync_master_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.backend == "sglang_server" and self.weight_sync == "tensor":

@@ -45,7 +45,8 @@ def make_engine(cfg: TrainConfig, model_dir: Path, backend: str | None = None) -
             if backend == "sglang_server":
                 from megatron_vgpo.rollout.sglang_server import SGLangServerEngine, launch_server_engine
 
-                options = {"weight_sync": cfg.rollout.weight_sync, "sync_dir": Path(cfg.run_dir) / "weight_sync"}
+                options = {"weight_sync": cfg.rollout.weight_sync, "sync_dir": Path(cfg.run_dir) / "weight_sync",
+                           "master_address": cfg.rollout.sync_master_address}
                 if cfg.rollout.server_urls:
                     return SGLangServerEngine(cfg.rollout.server_urls, model_path=model_dir, **options)
                 return launch_server_engine(model_dir, num_servers=cfg.rollout.num_servers, server_kwargs=kwargs,
