@@ -25,8 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["sft.enabled=false", "optimizer.lr_schedule=constant", "optimizer.warmup_steps=0", "data.synthetic.num=40",
          "validation.num_samples=4", "validation.max_new_tokens=6", "trainer.prompts_per_step=2",
@@ -74,6 +72,7 @@ def _step_record(run_dir: Path) -> dict:
     return next(r for r in records if "actor/steps" in r)
 
 
+@pytest.mark.slow
 def test_start_checkpoint_and_launched_sglang_server(tmp_path: Path, tiny_hf_dir: Path, small_hf_dir: Path):
     other = _perturbed_copy(tiny_hf_dir, tmp_path / "other_hf", seed=7)
     ckpt = _import(other, tmp_path / "other_ckpt")
@@ -110,3 +109,20 @@ def test_start_checkpoint_and_launched_sglang_server(tmp_path: Path, tiny_hf_dir
 
 def _process_lines() -> list[str]:
     return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+
+
+def test_config_refuses_what_the_http_engine_cannot_do(tmp_path: Path, tiny_hf_dir: Path):
+    from megatron_vgpo.checkpoint.dist_checkpoint import CheckpointError
+    from megatron_vgpo.config import ConfigError, load_config
+    from megatron_vgpo.trainer.job import check_start_checkpoint
+
+    base = REPO / "examples/tiny_cpu.yaml"
+    with pytest.raises(ConfigError, match=r"rollout\.weight_sync=tensor needs a colocated engine"):
+        load_config(base, ["rollout.backend=sglang_server", "rollout.weight_sync=tensor"])
+    with pytest.raises(ConfigError, match=r"rollout\.server_urls needs rollout\.backend=sglang_server"):
+        load_config(base, ["rollout.server_urls=[http://127.0.0.1:1]"])
+    cfg = load_config(base, ["rollout.backend=sglang_server", "rollout.weight_sync=disk"])
+    assert cfg.rollout.server_urls == [] and cfg.rollout.num_servers == 1
+    assert check_start_checkpoint(None, tiny_hf_dir) is None
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        check_start_checkpoint(str(tmp_path), tiny_hf_dir)
