@@ -48,8 +48,9 @@ def launched_by_torchrun() -> bool:
 
 
 def needs_actor(cfg: TrainConfig) -> bool:
-    """True when the job trains (SFT warm start or RL steps), i.e. needs the Megatron actor's ranks."""
-    return cfg.trainer.steps > 0 or cfg.sft.enabled
+    """True when the job trains (SFT warm start or RL steps) or starts from a Megatron checkpoint
+    (``model.load_checkpoint``), i.e. needs the Megatron actor's ranks."""
+    return cfg.trainer.steps > 0 or cfg.sft.enabled or bool(cfg.model.load_checkpoint)
 
 
 def _relaunch_under_torchrun(cfg: TrainConfig) -> dict:
@@ -162,6 +163,10 @@ def run(cfg: TrainConfig) -> dict | None:
     if isinstance(prepared[0], PreflightError):
         raise prepared[0]  # on every rank: nobody is left waiting in a collective
     hf_dir, (train_files, val_files) = prepared[0]
+    if cfg.model.load_checkpoint:  # refuse a missing or mismatched start checkpoint before any model is built
+        from megatron_vgpo.trainer.job import check_start_checkpoint
+
+        check_start_checkpoint(cfg.model.load_checkpoint, hf_dir)
 
     parity = megatron_parity_check(hf_dir, cfg, in_process=distributed)
     if needs_actor(cfg):
@@ -194,7 +199,7 @@ def _validate_and_summarize(cfg: TrainConfig, hf_dir: Path, train_files: list[Pa
     datasets = load_datasets(cfg.data, processor, train_files, val_files)
 
     val = datasets["val"]
-    val_samples = [val[i] for i in range(min(cfg.validation.num_samples, len(val)))]
+    val_samples = [val.prompt_inputs(i) for i in range(min(cfg.validation.num_samples, len(val)))]
     engine = make_engine(cfg, hf_dir, backend="hf")
     tokenizer = processor.tokenizer
     with MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,

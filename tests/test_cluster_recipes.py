@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_vgpo.config import load_config
 from megatron_vgpo.launch import preflight, recipes
@@ -71,7 +72,8 @@ def test_chain_tasks_commands():
         "--tp", "8", "--pp", "1"]
     train = tasks["train"].to_command(with_entrypoint=True)
     assert train[:4] == ["python", "-m", "megatron_vgpo.train", "/c/job.yaml"]
-    assert sorted(train[4:]) == ["model.dtype=bfloat16", "model.hf_dir=/models/32b", "parallel.pp=2", "parallel.tp=8"]
+    assert sorted(train[4:]) == ["model.dtype=bfloat16", "model.hf_dir=/models/32b",
+                                 "model.load_checkpoint=/results/ckpt", "parallel.pp=2", "parallel.tp=8"]
     # the default job trains and saves, so the chain exports what it trained (RUN_DIR/checkpoints) ...
     assert tasks["export"].args == ["export", "--ckpt", f"{cfg.run_dir}/checkpoints", "--out", "/results/hf_out",
                                     "--tp", "8", "--pp", "1"]
@@ -231,8 +233,8 @@ def test_launch_script_two_nodes_on_one_host(tmp_path: Path):
 
 
 def test_nemo_run_local_chain_import_train_export(tmp_path: Path, tiny_hf_dir: Path):
-    """LocalExecutor: import (HF -> Megatron at TP2) -> train (torchrun, 2 gloo ranks, one RL step that saves a
-    checkpoint) -> export of the trained checkpoint (-> HF)."""
+    """LocalExecutor: import (HF -> Megatron at TP2) -> train from the imported checkpoint (torchrun, 2 gloo
+    ranks, one RL step that saves a checkpoint) -> export of the trained checkpoint (-> HF)."""
     import torch
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -253,6 +255,9 @@ def test_nemo_run_local_chain_import_train_export(tmp_path: Path, tiny_hf_dir: P
     assert (ckpt / "vgpo_checkpoint.json").is_file() or (ckpt / "latest").is_file()  # the import's output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["model_dir"] == str(tiny_hf_dir) and summary["steps"] == 1
+    # the train task started from the imported Megatron checkpoint, not from the HF folder again
+    assert summary["load_checkpoint"].startswith(str(ckpt)), summary["load_checkpoint"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["load_checkpoint"] == str(ckpt)
     assert summary["megatron_parity"]["layout"] == "tp2_pp1_sp"
     assert (run_dir / "checkpoints/latest").read_text().strip() == "iter_0000001"
     # torchrun really started two ranks (torchelastic keeps one log folder per local rank)

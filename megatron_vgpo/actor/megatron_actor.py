@@ -482,6 +482,19 @@ class MegatronActor:
             self._set_rng_state(loaded.rank_state)
         return extra.get("caller")
 
+    def load_weights(self, path: str | Path) -> Path:
+        """Model weights only from a Megatron distributed checkpoint (e.g. ``tools/convert_checkpoint.py
+        import``; a folder or a root with ``latest``), at any saved layout; collective. The checkpoint's
+        recorded configuration must match this model (``ConfigMismatchError`` on every rank before any
+        tensor is read, model untouched). The optimizer's main parameters are refreshed from the loaded
+        weights; its state, the LR schedule and the step counters stay fresh. Returns the folder loaded."""
+        from megatron_vgpo.checkpoint.dist_checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, self.model, hf_config=self.hf_config, load_rank_state=False)
+        self.optimizer.reload_model_params()
+        logger.info("actor weights loaded from %s (iteration %d)", loaded.path, loaded.metadata.iteration)
+        return loaded.path
+
     def export_hf_weights(self, *, yield_on_all_tp_ranks: bool = False) -> Any:
         """``iter_hf_weights`` over this stage: (HF name, full tensor) pairs; every TP rank must consume it."""
         from megatron_vgpo.checkpoint.hf_mapping import iter_hf_weights

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +32,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptLike", "RLBatch", "build_rl_batch", "shard_for_data_parallel"]
+__all__ = ["PromptLike", "RLBatch", "build_local_rl_batch", "build_rl_batch", "dp_shard_indices",
+           "shard_for_data_parallel"]
 
 _PER_TOKEN_SLOTS = ("old_log_probs", "advantages", "focus_cos")
 
@@ -334,10 +335,59 @@ def shard_for_data_parallel(batch: RLBatch, dp_rank: int, dp_size: int, mini_bat
     ``mini_batches`` contiguous parts (as :meth:`MegatronActor.train_step` does) then gives, over all DP
     ranks, exactly global block ``k``. ``B`` must be divisible by ``mini_batches * dp_size``.
     """
-    b = batch.batch_size
+    return batch.select(dp_shard_indices(batch.batch_size, dp_rank, dp_size, mini_batches))
+
+
+def dp_shard_indices(batch_size: int, dp_rank: int, dp_size: int, mini_batches: int = 1) -> list[int]:
+    """The global trajectory indices :func:`shard_for_data_parallel` gives DP rank ``dp_rank``, in order."""
+    b = batch_size
     if b % (mini_batches * dp_size):
         raise ValueError(f"batch of {b} is not divisible by mini_batches ({mini_batches}) x dp ({dp_size})")
     block = b // mini_batches
     piece = block // dp_size
-    idx = [k * block + dp_rank * piece + j for k in range(mini_batches) for j in range(piece)]
-    return batch.select(idx)
+    return [k * block + dp_rank * piece + j for k in range(mini_batches) for j in range(piece)]
+
+
+def build_local_rl_batch(
+    prompt_of: Callable[[int], PromptLike],
+    prompt_index: Sequence[int],
+    responses: Sequence[Sequence[int] | Tensor],
+    *,
+    dp_rank: int,
+    dp_size: int,
+    mini_batches: int = 1,
+    pad_token_id: int,
+    image_token_id: int,
+    uids: Sequence[int] | None = None,
+    rewards: Sequence[float] | None = None,
+) -> RLBatch:
+    """This DP rank's shard of the global batch, built without building the global batch.
+
+    Equal, field by field, to ``shard_for_data_parallel(build_rl_batch([prompt_of(i) for i in prompt_index],
+    responses, ...), dp_rank, dp_size, mini_batches)``: the same trajectories (:func:`dp_shard_indices`), the
+    same ``R`` (the longest response of the GLOBAL batch, as ``select`` keeps it) and ``S`` (the longest local
+    trajectory, as ``select`` trims it). ``prompt_of(j)`` (e.g. a dataset's ``__getitem__``, which decodes and
+    processes the images) runs once per distinct prompt index of this shard; the n trajectories of a prompt
+    share that one processed sample.
+
+    Args:
+        prompt_of: dataset index -> processed prompt (``PromptLike``).
+        prompt_index / responses / uids / rewards: per GLOBAL trajectory (every rank holds these lists).
+    """
+    if len(prompt_index) != len(responses):
+        raise ValueError(f"{len(prompt_index)} prompt indices but {len(responses)} responses")
+    if not responses:
+        raise ValueError("an RL batch needs at least one trajectory")
+    rows = dp_shard_indices(len(responses), dp_rank, dp_size, mini_batches)
+    processed: dict[int, PromptLike] = {}
+    for i in rows:
+        j = int(prompt_index[i])
+        if j not in processed:
+            processed[j] = prompt_of(j)
+    width = max(len(r) for r in responses)
+    return build_rl_batch(
+        [processed[int(prompt_index[i])] for i in rows], [responses[i] for i in rows],
+        pad_token_id=pad_token_id, image_token_id=image_token_id,
+        uids=list(rows) if uids is None else [int(uids[i]) for i in rows],  # default: as arange(B)
+        rewards=None if rewards is None else [float(rewards[i]) for i in rows],
+        response_pad_to=width)

@@ -86,6 +86,9 @@ class VGPOConfig:
             (t - gamma T) / ((1 - gamma) T), measured from the tail start; spec A7 ablation).
         focus_norm: "affine" ((cos + 1) / 2) or "batch_minmax" (released code's batch min-max).
         grouping: "uid" (prompt groups) or "reference_blocks" (consecutive blocks of ``rollout_n``).
+            In the RL loop both reference modes act on each DP rank's whole shard in the old-log-prob pass,
+            not on the released code's update micro-batches: with ``rollout_n == rollout.n`` and per-rank
+            pieces that hold whole groups, ``reference_blocks`` equals ``uid`` (see docs/vgpo.md).
         token_clamp / traj_clamp: (low, high) clamps of ``f`` and ``g``.
         imageless: "neutral" (rows without image tokens get f = g = 1 and stay out of group statistics) or
             "reference" (treated like any other row: the code artifact of spec 4.5).

@@ -19,9 +19,17 @@ class ModelConfig:
     ``hf_dir``: an existing Hugging Face folder (config, safetensors, tokenizer, processor). When it is
     ``null`` the job builds a randomly initialised tiny model (``tiny_preset``/``tiny_seed``/``tokenizer``)
     under ``RUN_DIR/model`` with ``tools/make_tiny_model.py``'s library function.
+
+    ``load_checkpoint``: a Megatron distributed checkpoint (``tools/convert_checkpoint.py import``, or a
+    run's ``checkpoints`` root, whose ``latest`` is followed) whose model weights the actor starts from
+    instead of the HF folder's (optimizer, schedule and counters start fresh); the rollout engine gets them
+    by a weight sync before the first validation. Its recorded configuration must match the HF folder's
+    (the job refuses it before training). The HF folder still gives the config, tokenizer and processor. A
+    resumed run (``trainer.resume``) restores its own checkpoint instead.
     """
 
     hf_dir: str | None = None
+    load_checkpoint: str | None = None
     tiny_preset: Literal["tiny", "small"] = "tiny"
     tiny_seed: int = 0
     tokenizer: Literal["bpe", "qwen"] = "bpe"
@@ -116,9 +124,18 @@ class RolloutConfig:
     ``sync_bucket_mb``. ``verify_sync_every`` (0: never) checks every N-th sync: the engine and the actor
     score one fixed held-out probe and the run stops if their log-probs differ by more than
     ``verify_sync_tolerance`` (``null``: 2e-3 for float32 models, 1e-1 for bfloat16); metrics
-    ``sync/probe_max_abs_diff`` and ``sync/probe_change_from_start``."""
+    ``sync/probe_max_abs_diff`` and ``sync/probe_change_from_start``.
 
-    backend: Literal["sglang", "hf"] = "sglang"
+    ``backend="sglang_server"`` drives SGLang HTTP servers (``rollout/sglang_server.py``): the ones at
+    ``server_urls`` (``http://host:port``, already running, serving the model the job starts from), or, when
+    that list is empty, ``num_servers`` servers the job launches itself on 127.0.0.1 (``engine_kwargs`` are
+    their ``sglang.launch_server`` options; logs in ``RUN_DIR/sglang_server_<k>.log``; stopped at the end).
+    Over HTTP ``weight_sync`` must be ``disk`` (``RUN_DIR/weight_sync``, a folder every server must read) or
+    ``distributed`` (a process group to the servers: gloo on CPU, NCCL on GPUs; the servers connect to
+    ``sync_master_address``, this host's address as they see it: keep 127.0.0.1 for servers on this host).
+    """
+
+    backend: Literal["sglang", "hf", "sglang_server"] = "sglang"
     fallback_to_hf: bool = True
     n: int = 8
     temperature: float = 1.0
@@ -129,12 +146,22 @@ class RolloutConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     verify_sync_every: int = 0
     verify_sync_tolerance: float | None = None
+    server_urls: list[str] = field(default_factory=list)
+    num_servers: int = 1
+    sync_master_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.verify_sync_every < 0:
             raise ValueError(f"verify_sync_every must be >= 0 (0: never), got {self.verify_sync_every}")
         if self.verify_sync_tolerance is not None and self.verify_sync_tolerance <= 0:
             raise ValueError(f"verify_sync_tolerance must be > 0, got {self.verify_sync_tolerance}")
+        if self.backend == "sglang_server" and self.weight_sync == "tensor":
+            raise ValueError("rollout.weight_sync=tensor needs a colocated engine; with "
+                             "rollout.backend=sglang_server use rollout.weight_sync=disk or distributed")
+        if self.num_servers < 1:
+            raise ValueError(f"rollout.num_servers must be >= 1, got {self.num_servers}")
+        if self.server_urls and self.backend != "sglang_server":
+            raise ValueError("rollout.server_urls needs rollout.backend=sglang_server")
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
         if not 0.0 < self.top_p <= 1.0 or self.temperature < 0.0:

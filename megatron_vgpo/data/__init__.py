@@ -7,6 +7,7 @@ from megatron_vgpo.data.dataset import (
     BadRowError,
     DatasetColumns,
     PromptDataset,
+    PromptInputs,
     PromptSample,
 )
 from megatron_vgpo.data.images import ImageDecodeError, load_image, resize_to_pixel_bounds
@@ -30,6 +31,7 @@ __all__ = [
     "ImageDecodeError",
     "PromptBatch",
     "PromptDataset",
+    "PromptInputs",
     "PromptLoader",
     "PromptSample",
     "PromptSampler",

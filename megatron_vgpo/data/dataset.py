@@ -109,6 +109,22 @@ class PromptSample:
     mm_token_type_ids: torch.Tensor | None
 
 
+@dataclass
+class PromptInputs:
+    """What a rollout request needs of a prompt, without the image processor's output.
+
+    Attributes: ``index`` / ``source`` / ``problem`` / ``answer`` / ``images`` / ``prompt_text`` as in
+    :class:`PromptSample` (the images decoded and resized into the pixel bounds, not processed).
+    """
+
+    index: int
+    source: str
+    problem: str
+    answer: str
+    images: list[Image.Image]
+    prompt_text: str
+
+
 @dataclass(frozen=True)
 class _RowRef:
     file_index: int
@@ -333,7 +349,9 @@ class PromptDataset:
         ref = self._rows[index]
         return f"{self.paths[ref.file_index]}:{ref.row}"
 
-    def __getitem__(self, index: int) -> PromptSample:
+    def prompt_inputs(self, index: int) -> PromptInputs:
+        """Prompt text, decoded images and answer of good row ``index`` (what a rollout engine and the grader
+        read); the image processor does not run (``self[index]`` adds its output)."""
         if not 0 <= index < len(self._rows):
             raise IndexError(f"PromptDataset index {index} out of range [0, {len(self._rows)})")
         ref = self._rows[index]
@@ -341,13 +359,19 @@ class PromptDataset:
         images = self._load_images(ref.file_index, ref.row, stored_images)
         if isinstance(images, BadRow):  # the file changed on disk since the check
             raise BadRowError(images)
-        prompt_text = self._prompt_text(str(problem), len(images))
+        return PromptInputs(index=index, source=self.source(index), problem=str(problem),
+                            answer=str(answer).strip(), images=images,
+                            prompt_text=self._prompt_text(str(problem), len(images)))
+
+    def __getitem__(self, index: int) -> PromptSample:
+        raw = self.prompt_inputs(index)
+        images, prompt_text = raw.images, raw.prompt_text
         encoded = self.processor(text=[prompt_text], images=images if images else None, return_tensors="pt")
         return PromptSample(
             index=index,
-            source=self.source(index),
-            problem=str(problem),
-            answer=str(answer).strip(),
+            source=raw.source,
+            problem=raw.problem,
+            answer=raw.answer,
             images=images,
             prompt_text=prompt_text,
             input_ids=encoded["input_ids"][0],

@@ -222,10 +222,10 @@ def local_cuda_devices() -> list[tuple[str, int]]:
 
 def sglang_fraction(cfg: Any, given: float | None) -> float:
     """GPU fraction a colocated SGLang engine holds: ``given``, else ``rollout.engine_kwargs.mem_fraction_static``
-    when the rollout backend is SGLang, else 0."""
+    when the rollout backend is SGLang (in-process, or servers the job launches on this node), else 0."""
     if given is not None:
         return given
-    if cfg.rollout.backend == "sglang":
+    if cfg.rollout.backend == "sglang" or (cfg.rollout.backend == "sglang_server" and not cfg.rollout.server_urls):
         return float(cfg.rollout.engine_kwargs.get("mem_fraction_static", 0.0))
     return 0.0
 

@@ -193,8 +193,8 @@ def slurm_executor(
 class ChainPaths:
     """Where the chain reads and writes (paths as the jobs see them)."""
 
-    hf_dir: str  # source HF folder (import reads it; training starts from it)
-    ckpt: str  # Megatron checkpoint written by import
+    hf_dir: str  # source HF folder (import reads it; training takes its config, tokenizer, processor)
+    ckpt: str  # Megatron checkpoint written by import; training starts from its weights
     export_dir: str  # HF folder written by export
     trained_ckpt: str | None = None  # what export reads; default: see :func:`chain_tasks`
 
@@ -210,13 +210,15 @@ def chain_tasks(cfg: TrainConfig, base_config: str | Path, paths: ChainPaths, *,
                 env: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
     """``[(name, run.Script)]`` for import -> train -> export.
 
-    Training starts from ``paths.hf_dir`` (``model.hf_dir`` is set to it). Export reads
+    Training starts from the imported checkpoint (``model.load_checkpoint=paths.ckpt``; ``model.hf_dir`` is
+    ``paths.hf_dir``, which gives the config, tokenizer and processor). Export reads
     ``paths.trained_ckpt``, by default the job's ``RUN_DIR/checkpoints`` (its ``latest``) when the job trains and
     saves, else the imported checkpoint. The conversions launch their own ranks: import writes at
     ``import_tp`` x ``import_pp``, export loads at ``export_tp`` x ``export_pp`` (default: the import's layout;
     a distributed checkpoint loads at any layout).
     """
-    train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_dir=paths.hf_dir))
+    train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_dir=paths.hf_dir,
+                                                                   load_checkpoint=paths.ckpt))
     source = paths.trained_ckpt or (f"{cfg.run_dir}/checkpoints" if trains_and_saves(cfg) else paths.ckpt)
     return [
         ("import", convert_script("import", ["--hf-dir", paths.hf_dir, "--out", paths.ckpt, "--tp", str(import_tp),

@@ -12,7 +12,8 @@ samples of a prompt go to the same server, which shares its prefix cache) and se
 syncs reach every server (disk: each reloads the same folder, which must be visible to all; distributed:
 one group holding the trainer as rank 0 and every server's TP ranks after it). The tensor transport
 needs a colocated engine (shared memory / CUDA IPC) and is refused here: use ``SGLangEngine``.
-Servers are not owned: :meth:`SGLangServerEngine.shutdown` only closes the HTTP session.
+Servers at given URLs are not owned: :meth:`SGLangServerEngine.shutdown` only closes the HTTP session;
+servers started by :func:`launch_server_engine` are owned and stopped by it.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class SGLangServerEngine(RolloutEngine):
         sync_dir: folder for disk syncs, readable by every server.
         master_address: address of this process as seen by the servers (distributed transport).
         timeout_s: HTTP timeout of one call.
+        owned_servers: server processes this engine owns (see :func:`launch_server_engine`);
+            :meth:`shutdown` stops them. Servers at other URLs are never stopped.
     """
 
     def __init__(
@@ -149,8 +152,11 @@ class SGLangServerEngine(RolloutEngine):
         sync_dir: str | Path | None = None,
         master_address: str = "127.0.0.1",
         timeout_s: float = 3600.0,
+        owned_servers: Sequence[subprocess.Popen] = (),
     ) -> None:
         from transformers import AutoTokenizer
+
+        self._owned = list(owned_servers)
 
         if not urls:
             raise ValueError("SGLangServerEngine needs at least one server URL")
@@ -338,9 +344,45 @@ class SGLangServerEngine(RolloutEngine):
         self._all("/resume_memory_occupation", {})
 
     def shutdown(self) -> None:
-        """Destroy the weight-update group and close the HTTP session; the servers keep running."""
+        """Destroy the weight-update group, close the HTTP session and stop the owned servers (servers at
+        given URLs keep running)."""
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._session.close()
+        owned, self._owned = self._owned, []
+        for process in owned:
+            stop_server(process)
+
+
+def launch_server_engine(
+    model_path: str | Path,
+    *,
+    num_servers: int = 1,
+    server_kwargs: dict[str, Any] | None = None,
+    log_dir: str | Path | None = None,
+    ready_timeout_s: float = 600.0,
+    **engine_options: Any,
+) -> SGLangServerEngine:
+    """Launch ``num_servers`` SGLang HTTP servers of ``model_path`` on 127.0.0.1 (free ports; logs in
+    ``log_dir/sglang_server_<k>.log``) and return a :class:`SGLangServerEngine` that owns them (its
+    ``shutdown`` stops them). ``engine_options`` go to the engine (``weight_sync``, ``sync_dir``, ...).
+    A failed start stops the servers already started and re-raises."""
+    from megatron_vgpo.distributed.multiprocess import find_free_port
+
+    processes: list[subprocess.Popen] = []
+    try:
+        urls = []
+        for k in range(num_servers):
+            port = find_free_port()
+            log_path = Path(log_dir) / f"sglang_server_{k}.log" if log_dir else None
+            processes.append(launch_server(model_path, host="127.0.0.1", port=port, server_kwargs=server_kwargs,
+                                           log_path=log_path, ready_timeout_s=ready_timeout_s))
+            urls.append(f"http://127.0.0.1:{port}")
+        logger.info("launched %d SGLang server(s) at %s", num_servers, ", ".join(urls))
+        return SGLangServerEngine(urls, model_path=model_path, owned_servers=processes, **engine_options)
+    except BaseException:
+        for process in processes:
+            stop_server(process)
+        raise

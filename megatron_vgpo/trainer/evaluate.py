@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from megatron_vgpo.data import PromptSample
+from megatron_vgpo.data import PromptInputs, PromptSample
 from megatron_vgpo.reward import RewardGrader, extract_boxed
 from megatron_vgpo.rollout.base import RolloutEngine, RolloutRequest, SamplingParams
 
@@ -41,7 +41,7 @@ class EvalResult:
 
 def evaluate_greedy(
     engine: RolloutEngine,
-    samples: Sequence[PromptSample],
+    samples: Sequence[PromptInputs | PromptSample],
     decode,
     grader: RewardGrader,
     *,
@@ -53,7 +53,8 @@ def evaluate_greedy(
 
     Args:
         engine: any :class:`RolloutEngine` (transformers or SGLang backend).
-        samples: processed prompts (their ``prompt_text`` and ``images`` are sent to the engine).
+        samples: prompts (``PromptInputs`` or ``PromptSample``: their ``prompt_text`` and ``images`` are sent
+            to the engine; ``source`` and ``answer`` are read).
         decode: token ids -> text (the tokenizer's ``decode`` with special tokens skipped).
         grader: reward grader; its ``lenient`` setting decides the multiple-choice rule.
         max_new_tokens: response budget per sample.

@@ -33,17 +33,27 @@ def _actor_config(cfg: TrainConfig, *, lr: float, warmup: int, schedule: str, de
 
 
 def make_engine(cfg: TrainConfig, model_dir: Path, backend: str | None = None) -> Any:
-    """Rank 0's rollout engine: SGLang (falling back to transformers when it cannot start and
-    ``rollout.fallback_to_hf``) or the transformers backend."""
+    """Rank 0's rollout engine: SGLang in its worker (``sglang``), SGLang HTTP servers (``sglang_server``: the
+    ones at ``rollout.server_urls`` or ``rollout.num_servers`` the engine launches and owns), falling back to
+    transformers when SGLang cannot start and ``rollout.fallback_to_hf``; or the transformers backend."""
     from megatron_vgpo.rollout.hf_backend import HFRolloutEngine
 
     backend = backend or cfg.rollout.backend
-    if backend == "sglang":
+    if backend in ("sglang", "sglang_server"):
         try:
-            from megatron_vgpo.rollout.sglang_backend import SGLangEngine
-
             kwargs = {"dtype": cfg.model.dtype, "random_seed": cfg.seed, "log_level": "error",
                       **cfg.rollout.engine_kwargs}
+            if backend == "sglang_server":
+                from megatron_vgpo.rollout.sglang_server import SGLangServerEngine, launch_server_engine
+
+                options = {"weight_sync": cfg.rollout.weight_sync, "sync_dir": Path(cfg.run_dir) / "weight_sync",
+                           "master_address": cfg.rollout.sync_master_address}
+                if cfg.rollout.server_urls:
+                    return SGLangServerEngine(cfg.rollout.server_urls, model_path=model_dir, **options)
+                return launch_server_engine(model_dir, num_servers=cfg.rollout.num_servers, server_kwargs=kwargs,
+                                            log_dir=cfg.run_dir, **options)
+            from megatron_vgpo.rollout.sglang_backend import SGLangEngine
+
             return SGLangEngine(model_dir, engine_kwargs=kwargs, weight_sync=cfg.rollout.weight_sync)
         except Exception as err:  # an engine that cannot start is a set-up problem, reported either way
             if not cfg.rollout.fallback_to_hf:
@@ -85,6 +95,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
 
     run_dir = Path(cfg.run_dir)
     rank0 = dist.get_rank() == 0
+    start_ckpt = check_start_checkpoint(cfg.model.load_checkpoint, hf_dir)
     init_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed,
                         timeout_s=cfg.trainer.collective_timeout_s)
     _log_collective_timeouts()
@@ -93,7 +104,9 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
     ids = special_token_ids(tokenizer)
     datasets = load_datasets(cfg.data, processor, train_files, val_files)
     train_ds, val_ds = datasets["train"], datasets["val"]
-    val_samples = [val_ds[i] for i in range(min(cfg.validation.num_samples, len(val_ds)))]
+    # rank 0's engine reads prompt text + raw images only: no image processor, no copies on other ranks
+    val_samples = ([val_ds.prompt_inputs(i) for i in range(min(cfg.validation.num_samples, len(val_ds)))]
+                   if rank0 else [])
     token_ids = {"pad_token_id": ids.pad, "image_token_id": ids.image_pad}
 
     def decode(token_list: list[int]) -> str:
@@ -125,6 +138,8 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
             actor = MegatronActor(hf_dir, _actor_config(cfg, lr=cfg.sft.lr, warmup=cfg.sft.warmup_steps,
                                                        schedule=cfg.sft.lr_schedule,
                                                        decay_steps=cfg.sft.max_steps if cosine else None))
+            if start_ckpt is not None:
+                actor.load_weights(start_ckpt)
             engine = make_engine(cfg, hf_dir, backend="hf") if rank0 else None
             sampler = PromptSampler(len(train_ds), cfg.sft.batch_size, seed=cfg.seed)
 
@@ -139,7 +154,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
                 engine.shutdown()
             engine, actor = None, None
         if (sft_dir / "config.json").is_file():
-            hf_dir = sft_dir
+            hf_dir, start_ckpt = sft_dir, None  # the warm start began from the checkpoint
 
         cosine = cfg.optimizer.lr_schedule == "cosine" and cfg.trainer.steps > 0  # steps=0: SFT / evaluation only
         actor = MegatronActor(hf_dir, _actor_config(
@@ -147,6 +162,9 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
             schedule="cosine" if cosine else "constant",
             decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cosine else None))
         engine = make_engine(cfg, hf_dir) if rank0 else None
+        if start_ckpt is not None and not resuming:
+            actor.load_weights(start_ckpt)
+            sync_weights(actor, engine, cfg)  # the engine started from the HF folder
         before_path = run_dir / "val_before.json"
         if resuming and before_path.is_file():
             stored = json.loads(before_path.read_text())  # runs from before 2026-11-24 kept the accuracy only
@@ -176,7 +194,8 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
                        val_boxed_fraction_before=before.get("val/boxed_fraction"),
                        val_boxed_fraction_after=after["val/boxed_fraction"], steps=counters["steps"],
                        resumed_from_step=counters["resumed_from_step"], algorithm=cfg.algorithm.name,
-                       rollout_backend=type(engine).__name__ if engine is not None else None)
+                       rollout_backend=type(engine).__name__ if engine is not None else None,
+                       load_checkpoint=str(start_ckpt) if start_ckpt is not None else None)
     finally:
         if engine is not None:
             engine.shutdown()
@@ -203,6 +222,24 @@ def _sync_probe(cfg: TrainConfig, val_ds: Any, tokenizer: Any, actor: Any) -> An
     tolerance = cfg.rollout.verify_sync_tolerance or (2e-3 if cfg.model.dtype == "float32" else 1e-1)
     return SyncProbe(val_ds[0], tokenizer.encode(PROBE_RESPONSE, add_special_tokens=False), tolerance=tolerance,
                      pad_token_id=ids.pad, image_token_id=ids.image_pad, seq_multiple=actor.seq_multiple)
+
+
+def check_start_checkpoint(path: str | None, hf_dir: Path) -> Path | None:
+    """``model.load_checkpoint`` resolved to its checkpoint folder (``None`` when unset), refused (raises
+    ``CheckpointError`` / ``ConfigMismatchError``) before any model is built when it is missing or its
+    recorded HF config differs from ``hf_dir``'s in an architecture field. Reads metadata only."""
+    if not path:
+        return None
+    from transformers import AutoConfig
+
+    from megatron_vgpo.checkpoint.config_check import check_hf_configs_match
+    from megatron_vgpo.checkpoint.dist_checkpoint import read_metadata, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    check_hf_configs_match(read_metadata(ckpt).hf_config, AutoConfig.from_pretrained(str(hf_dir)),
+                           expected_name="model.load_checkpoint's HF config", actual_name=f"{hf_dir}",
+                           context=f"refusing model.load_checkpoint={path}")
+    return ckpt
 
 
 def _previous_dir(out_dir: Path) -> Path:

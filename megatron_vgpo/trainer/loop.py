@@ -58,10 +58,9 @@ def rl_loop(cfg: TrainConfig, actor: Any, engine: Any, grader: Any, train_ds: An
         if len(rollouts) == 0:
             logger.warning("step %d: no group kept by dynamic sampling; no update this step", step)
         else:
-            prompts = [train_ds[i] for i in rollouts.prompt_index]
             dump = (Path(cfg.run_dir) / "dump" / f"step_{step + 1:06d}_rank_{dist.get_rank()}.pt"
                     if tc.dump_tensors else None)
-            metrics.update(update_policy(actor, prompts, rollouts, cfg, pad_token_id=pad_token_id,
+            metrics.update(update_policy(actor, train_ds, rollouts, cfg, pad_token_id=pad_token_id,
                                          image_token_id=image_token_id, dump_path=dump))
             metrics["time/sync"] = sync_weights(actor, engine, cfg)
             if every and (step + 1) % every == 0:

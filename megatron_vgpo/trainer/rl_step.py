@@ -3,17 +3,17 @@ and weight sync back to the engine.
 
 Which rank does what: the rollout engine and the reward grader live on global rank 0 (the engine driver);
 :func:`collect_rollouts` runs there and its result is broadcast as plain Python lists. Every rank then
-builds the same global :class:`RLBatch`, keeps its data-parallel shard, and :func:`update_policy` runs the
-actor's no-grad pass (old log-probs + VGPO focus cosines), the advantages (groups by prompt uid, across
-DP ranks), the VGPO re-weighting and the optimizer steps. :func:`sync_weights` streams every stage's
-weights to rank 0, which pushes them into the engine.
+builds only its data-parallel shard of the :class:`RLBatch` (processing only its own prompts), and
+:func:`update_policy` runs the actor's no-grad pass (old log-probs + VGPO focus cosines), the advantages
+(groups by prompt uid, across DP ranks), the VGPO re-weighting and the optimizer steps.
+:func:`sync_weights` streams every stage's weights to rank 0, which pushes them into the engine.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,8 @@ def collect_rollouts(engine: Any, dataset: Any, next_prompts: Callable[[], list[
     while kept_groups < target:
         rounds += 1
         indices = next_prompts()
-        samples = [dataset[i] for i in indices]
+        inputs_of = getattr(dataset, "prompt_inputs", dataset.__getitem__)  # text + raw images, no processor
+        samples = [inputs_of(i) for i in indices]
         requests = [RolloutRequest(uid=str(i), prompt_text=s.prompt_text, images=list(s.images))
                     for i, s in zip(indices, samples)]
         outputs = engine.generate(requests, params)
@@ -141,29 +142,30 @@ def focus_curve(rho: torch.Tensor, mask: torch.Tensor, bins: int = FOCUS_BINS) -
     return out
 
 
-def update_policy(actor: Any, prompts: Sequence[Any], rollouts: Rollouts, cfg: TrainConfig, *,
+def update_policy(actor: Any, dataset: Any, rollouts: Rollouts, cfg: TrainConfig, *,
                   pad_token_id: int, image_token_id: int, dump_path: Path | None = None) -> dict[str, float]:
-    """All ranks: build the batch, keep this DP rank's shard, old log-probs (+ focus), advantages (+ VGPO),
-    optimizer steps. ``prompts[i]`` is trajectory i's processed prompt. Returns metrics (same on all ranks
-    except the VGPO diagnostics, which describe this rank's shard). With ``dump_path`` the tensors the
-    update trains on are saved there first (:func:`dump_update_inputs`)."""
+    """All ranks: build this DP rank's shard of the batch, old log-probs (+ focus), advantages (+ VGPO),
+    optimizer steps. ``dataset[j]`` is the processed prompt of dataset index j; each rank processes only the
+    prompts of its own shard, once per prompt. Returns metrics (same on all ranks except the VGPO
+    diagnostics, which describe this rank's shard). With ``dump_path`` the tensors the update trains on are
+    saved there first (:func:`dump_update_inputs`)."""
     from megatron.core import parallel_state as ps
 
     from megatron_vgpo.actor.megatron_actor import LossConfig
-    from megatron_vgpo.actor.rl_batch import build_rl_batch, shard_for_data_parallel
+    from megatron_vgpo.actor.rl_batch import build_local_rl_batch
 
     alg, tc = cfg.algorithm, cfg.trainer
     started = time.perf_counter()
-    batch = build_rl_batch(prompts, rollouts.responses, pad_token_id=pad_token_id, image_token_id=image_token_id,
-                           uids=rollouts.uid, rewards=rollouts.rewards,
-                           seq_multiple=cfg.parallel.tp if cfg.parallel.sp else 1)
     dp, dp_group = ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
     mini_batches = tc.mini_batches
-    while batch.batch_size % (mini_batches * dp):
+    while len(rollouts) % (mini_batches * dp):
         mini_batches -= 1  # a short (dynamic-sampling) step: fewer, larger mini-batches
         if mini_batches == 0:
-            raise ValueError(f"{batch.batch_size} trajectories cannot be split over {dp} data-parallel ranks")
-    local = shard_for_data_parallel(batch, ps.get_data_parallel_rank(), dp, mini_batches)
+            raise ValueError(f"{len(rollouts)} trajectories cannot be split over {dp} data-parallel ranks")
+    local = build_local_rl_batch(dataset.__getitem__, rollouts.prompt_index, rollouts.responses,
+                                 dp_rank=ps.get_data_parallel_rank(), dp_size=dp, mini_batches=mini_batches,
+                                 pad_token_id=pad_token_id, image_token_id=image_token_id, uids=rollouts.uid,
+                                 rewards=rollouts.rewards)
     use_vgpo = alg.name == "vgpo"
     lp = actor.compute_log_probs(local, temperature=cfg.rollout.temperature or 1.0, with_focus=use_vgpo,
                                  state_position=alg.state_position)
