@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vgpo.config import TrainConfig, to_dict
-from megatron_vgpo.trainer.rl_step import broadcast_object, sync_weights
+from megatron_vgpo.trainer.rl_step import broadcast_object, check_group_layout, data_parallel_size, sync_weights
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +136,15 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
         if (sft_dir / "config.json").is_file():
             hf_dir = sft_dir
 
-        actor = MegatronActor(hf_dir, _actor_config(
+        rl_actor_config = _actor_config(
             cfg, lr=cfg.optimizer.lr, warmup=cfg.optimizer.warmup_steps, schedule=cfg.optimizer.lr_schedule,
             decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cfg.optimizer.lr_schedule == "cosine"
-            else None))
+            else None)
+        # KL reference: the frozen starting policy (this folder, also after a resume), only when used
+        check_group_layout(cfg, data_parallel_size())
+        if cfg.algorithm.kl_coef > 0:
+            rl_actor_config.reference_hf_dir = str(hf_dir)
+        actor = MegatronActor(hf_dir, rl_actor_config)
         engine = make_engine(cfg, hf_dir) if rank0 else None
         before_path = run_dir / "val_before.json"
         if resuming and before_path.is_file():
