@@ -34,11 +34,11 @@ def test_kl_overlong_shaping_and_shrunk_mini_batches_in_a_run(tmp_path: Path):
     (logged), and the cosine schedule counts exactly those: the LR of update k is Megatron's cosine at k
     over the planned 2 x 4 = 8 updates."""
     run_dir = tmp_path / "kl"
-    lr, decay, factor, buffer, max_len, kl_coef = 1e-3, 8, 0.5, 4, 6, 0.1
+    lr, decay, factor, buffer, max_len, kl_coef, ent_coef = 1e-3, 8, 0.5, 4, 6, 0.1, 0.01
     _train(run_dir, "trainer.steps=2", "rollout.n=3", "trainer.mini_batches=4", "optimizer.lr_schedule=cosine",
            "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k2", "algorithm.overlong_buffer_len=4",
-           "algorithm.overlong_penalty_factor=0.5", "logging.rollout_dump=true", "trainer.save_every=0",
-           "trainer.val_every=0")
+           "algorithm.overlong_penalty_factor=0.5", "algorithm.entropy_coef=0.01", "logging.rollout_dump=true",
+           "trainer.save_every=0", "trainer.val_every=0")
     steps = [r for r in _metrics(run_dir) if "actor/steps" in r]
     assert [r["step"] for r in steps] == [1, 2]
     dump = _dump(run_dir)
@@ -52,9 +52,10 @@ def test_kl_overlong_shaping_and_shrunk_mini_batches_in_a_run(tmp_path: Path):
         assert r["actor/lr_schedule_step"] == taken
         expected_lr = sum(0.5 * lr * (1 + math.cos(math.pi * k / decay)) for k in updates) / 3
         assert r["actor/lr"] == pytest.approx(expected_lr, rel=1e-6)
-        # KL in the loss: loss = pg + kl_coef * KL (token means over the same global mini-batches)
+        # KL in the loss: loss = pg + kl_coef * KL - ent_coef * entropy (token means, same mini-batches)
         assert math.isfinite(r["actor/kl_ref"]) and r["actor/kl_ref"] >= 0.0
-        assert r["actor/loss"] == pytest.approx(r["actor/pg_loss"] + kl_coef * r["actor/kl_ref"], rel=1e-5, abs=1e-9)
+        expected_loss = r["actor/pg_loss"] + kl_coef * r["actor/kl_ref"] - ent_coef * r["actor/entropy"]
+        assert r["actor/loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-9)
         # overlong shaping: reward = raw score + DAPO penalty; filter off, so every sampled group is kept
         groups = d["groups"]
         assert len(groups) == 2 and r["rollout/kept_groups"] == 2 and r["rollout/filtered_groups"] == 0
@@ -72,7 +73,7 @@ def test_kl_overlong_shaping_and_shrunk_mini_batches_in_a_run(tmp_path: Path):
         assert r["rollout/overlong_penalty_mean"] == pytest.approx(sum(penalties) / 6, abs=1e-6)
         assert r["rollout/overlong_fraction"] == pytest.approx(sum(truncated) / 6)
         assert r["actor/tokens"] == sum(sum(g["lengths"]) for g in groups)  # no overlong filter
-    assert steps[1]["actor/kl_ref"] > 0.0  # the policy moved away from the reference
+    assert steps[1]["actor/kl_ref"] > 1e-7  # the policy moved away from the reference
     assert any(p < 0 for d in dump for g in d["groups"] for p in
                [_dapo_penalty(n, max_len, buffer, factor) for n in g["lengths"]])  # the shaping is exercised
 
@@ -92,3 +93,20 @@ def test_overlong_filter_drops_truncated_tokens_from_the_loss(tmp_path: Path):
     cuts = [c for g in d["groups"] for c in g["truncated"]]
     assert r["rollout/overlong_fraction"] == pytest.approx(sum(cuts) / len(cuts))
     assert "rollout/overlong_penalty_mean" not in r  # shaping off by default
+
+
+def test_kl_reference_stays_the_starting_policy_after_a_resume(tmp_path: Path):
+    """One update per step (mini_batches=1): the KL of a step's only mini-batch is taken before its update,
+    so at step 1 it is 0 (policy == reference) and after the resume at step 2 it is > 0 only if the
+    reference is still the starting folder (a reference rebuilt from the step-1 checkpoint would give 0)."""
+    run_dir = tmp_path / "kl_resume"
+    # the entropy bonus moves the policy even when every reward (so every advantage) is 0
+    common = ["parallel.tp=1", "parallel.sp=false", "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01",
+              "trainer.val_every=0"]
+    _train(run_dir, "trainer.steps=1", *common)
+    summary = _train(run_dir, "trainer.steps=2", *common)
+    assert summary["resumed_from_step"] == 1
+    steps = [r for r in _metrics(run_dir) if "actor/steps" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["actor/mini_batches"] == 1 for r in steps)
+    assert steps[0]["actor/kl_ref"] == pytest.approx(0.0, abs=1e-9)
+    assert steps[1]["actor/kl_ref"] > 1e-7
