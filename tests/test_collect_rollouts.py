@@ -100,3 +100,21 @@ def test_odd_n_with_even_dp_keeps_whole_groups_divisible_by_dp(parts):
     with pytest.raises(ValueError, match=r"trainer\.prompts_per_step=1 with rollout\.n=3 cannot be split over 2"):
         check_group_layout(load_config(None, ["rollout.n=3", "trainer.prompts_per_step=1"]), 2)
     check_group_layout(load_config(None, ["rollout.n=4", "trainer.prompts_per_step=1"]), 2)  # 4 split evenly
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["algorithm.kl_coef=-0.1"], "algorithm: kl_coef must be >= 0"),
+    (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator: expected one of ['k1', 'k2', 'k3']"),
+    (["algorithm.overlong_buffer_len=-1"], "overlong_buffer_len (-1) and overlong_penalty_factor"),
+    (["rollout.max_new_tokens=16", "algorithm.overlong_buffer_len=32"],
+     "algorithm.overlong_buffer_len (32) must be <= rollout.max_new_tokens (16)"),
+    (["algorithm.sampling_exhausted=stop"], "algorithm.sampling_exhausted: expected one of ['train', 'raise']"),
+])
+def test_algorithm_keys_refuse_bad_values(overrides: list[str], message: str) -> None:
+    from megatron_vgpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    cfg = load_config(None, ["algorithm.overlong_buffer_len=8", "algorithm.overlong_penalty_factor=0"])
+    assert not cfg.algorithm.uses_overlong_shaping and cfg.algorithm.kl_coef == 0.0  # the defaults: off
