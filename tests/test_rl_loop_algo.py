@@ -1,7 +1,10 @@
-"""The algorithm switches of issue 11 in real runs of the loop (TP2 + SP, 2 gloo ranks under torchrun):
-KL to the frozen starting policy, DAPO overlong shaping, a step that shrinks its mini-batch count under a
-cosine LR schedule, collision-free group ids and the rollout dump, all in ONE launch of 2 steps; then the
-overlong filter in a second, single-rank launch.
+"""The algorithm switches of issue 11 in real runs of the loop, 4 launches in all (~3 minutes on 2 cores):
+
+* TP2 + SP (2 gloo ranks under torchrun), ONE launch of 2 steps: KL to the frozen starting policy in the
+  loss, DAPO overlong shaping, a step that shrinks its mini-batch count under a cosine LR schedule,
+  group ids and the rollout dump;
+* TP1, one step: the overlong filter takes truncated responses out of the loss;
+* TP1, one step then a resume to two: the KL reference is still the starting folder after the resume.
 
 References are restatements in this file: Megatron's cosine formula at the update count, DAPO's
 overlong rule, the loss = policy term + kl_coef x KL identity of ``policy_loss``.
