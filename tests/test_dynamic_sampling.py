@@ -128,3 +128,58 @@ def test_overlong_penalty_matches_dapo_rule() -> None:
         assert value == pytest.approx(0.5 * exp)
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(lengths, max_len, 0)
+
+
+def test_buffer_group_index_is_collision_free_across_large_rounds() -> None:
+    """Three rounds of 1,500 groups each (ids repeat between rounds): every group gets its own index."""
+    buf = DynamicSamplingBuffer(target_groups=10_000, max_rounds=3, filter_groups=False, on_exhausted="partial")
+    for r in range(3):
+        ids = torch.arange(1500).repeat_interleave(2)  # the same per-round ids every round
+        buf.add_round({"round": torch.full((3000,), r)}, accuracy=torch.zeros(3000), group_ids=ids)
+    out = buf.result()
+    assert buf.exhausted and buf.num_groups == 4500
+    expected = torch.arange(4500).repeat_interleave(2)
+    assert torch.equal(out["group_index"], expected)
+    assert torch.equal(out["round"], torch.arange(3).repeat_interleave(3000))
+
+
+def test_buffer_partial_result_is_trimmed_to_the_group_multiple() -> None:
+    """on_exhausted='partial': the kept groups so far, minus the latest ones down to a multiple of 2."""
+    buf = DynamicSamplingBuffer(target_groups=5, max_rounds=2, on_exhausted="partial", group_multiple=2)
+    assert buf.target_groups == 4  # rounded down to the multiple
+    acc = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    ids = torch.tensor([7, 7, 8, 8, 9, 9])  # groups 7 and 9 mixed (kept), 8 all-correct (filtered)
+    assert buf.add_round({"row": torch.arange(6)}, accuracy=acc, group_ids=ids) == 2
+    assert buf.add_round({"row": torch.arange(6, 12)}, accuracy=acc, group_ids=ids) == 2
+    # 4 kept = target: full, nothing to trim
+    assert buf.is_full and buf.result()["row"].tolist() == [0, 1, 4, 5, 6, 7, 10, 11]
+    short = DynamicSamplingBuffer(target_groups=4, max_rounds=2, on_exhausted="partial", group_multiple=2)
+    short.add_round({"row": torch.arange(6)}, accuracy=acc, group_ids=ids)  # 2 kept
+    one = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # only group 7 mixed
+    short.add_round({"row": torch.arange(6, 12)}, accuracy=one, group_ids=ids)  # 3 kept -> trimmed to 2
+    assert short.is_done and not short.is_full and short.exhausted
+    out = short.result()
+    assert out["row"].tolist() == [0, 1, 4, 5] and out["group_index"].tolist() == [0, 0, 2, 2]
+    m = short.metrics()
+    assert m["dynamic_sampling/groups_dropped"] == 1 and m["dynamic_sampling/groups_filtered"] == 3
+    assert m["dynamic_sampling/groups_kept"] == 2 and m["dynamic_sampling/exhausted"] == 1.0
+    with pytest.raises(RuntimeError, match="done"):
+        short.add_round({"row": torch.arange(6)}, accuracy=acc, group_ids=ids)
+    empty = DynamicSamplingBuffer(target_groups=2, max_rounds=1, on_exhausted="partial")
+    empty.add_round({"row": torch.arange(2), "tag": ["a", "b"]}, accuracy=torch.ones(2),
+                    group_ids=torch.zeros(2, dtype=torch.long))
+    out = empty.result()
+    assert out["row"].numel() == 0 and out["tag"] == [] and out["group_index"].numel() == 0
+    with pytest.raises(ValueError, match="group_multiple"):
+        DynamicSamplingBuffer(target_groups=1, group_multiple=2)
+
+
+def test_dp_group_multiple() -> None:
+    from megatron_vgpo.algo.dynamic_sampling import dp_group_multiple
+
+    assert [dp_group_multiple(n, 2) for n in (1, 2, 3, 8)] == [2, 1, 2, 1]
+    assert dp_group_multiple(6, 4) == 2 and dp_group_multiple(5, 1) == 1
+    for n in range(1, 9):
+        for dp in range(1, 9):
+            k = dp_group_multiple(n, dp)
+            assert (k * n) % dp == 0 and all((j * n) % dp for j in range(1, k))

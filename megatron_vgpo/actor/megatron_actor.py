@@ -20,6 +20,10 @@
   reduction in ``finalize_model_grads``): vision grads averaged over TP, a world-wide finiteness check of
   all gradients (Megatron's fp32 optimizer would otherwise clip with a NaN norm and write NaN weights: a
   non-finite step is skipped, its grads zeroed and counted), LR schedule, grad clip + Adam step.
+* the KL reference (``ActorConfig.reference_hf_dir``): a second, frozen model of the same layout and dtype
+  (no DDP, no optimizer, eval mode, ``requires_grad`` False), loaded once from that folder and never saved
+  or loaded with checkpoints. ``compute_log_probs`` runs it over the SAME micro-batches in the same no-grad
+  call and returns ``ref_log_probs``; ``train_step`` adds ``kl_coef * KL`` to the loss (``actor/kl_ref``).
 * :meth:`MegatronActor.save` / :meth:`MegatronActor.load` -- distributed checkpoints (model, optimizer,
   scheduler, RNG states, caller's state) through :mod:`megatron_vgpo.checkpoint.dist_checkpoint`.
 * :meth:`MegatronActor.export_hf_weights` -- full HF-named tensors for weight sync.
@@ -51,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ActorConfig", "LogProbResult", "LossConfig", "MegatronActor"]
 
-_METRIC_SUMS = ("pg_loss", "pg_clipfrac_high", "pg_clipfrac_low", "pg_clipfrac_dual", "approx_kl", "entropy")
+_METRIC_SUMS = ("pg_loss", "pg_clipfrac_high", "pg_clipfrac_low", "pg_clipfrac_dual", "approx_kl", "entropy",
+                "kl_loss")
 
 
 @dataclass
@@ -61,7 +66,9 @@ class ActorConfig:
     ``micro_batch_tokens`` bounds ``sequences x padded length`` of a training micro-batch;
     ``logprob_micro_batch_tokens`` (default: the same) of a no-grad log-prob micro-batch;
     ``logprob_chunk_tokens`` the rows of vocab-parallel logits turned into fp32 at a time.
-    ``lr_schedule``: ``"constant"`` or ``"cosine"`` (needs ``lr_decay_steps``), both with linear warmup.
+    ``lr_schedule``: ``"constant"`` or ``"cosine"`` (needs ``lr_decay_steps``), both with linear warmup; the
+    scheduler advances once per optimizer update actually taken (skipped non-finite updates do not count).
+    ``reference_hf_dir``: an HF folder to build the frozen KL reference from (``None``: no reference).
     """
 
     sequence_parallel: bool = False
@@ -80,6 +87,7 @@ class ActorConfig:
     micro_batch_tokens: int = 8192
     logprob_micro_batch_tokens: int | None = None
     logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    reference_hf_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -106,6 +114,8 @@ class LossConfig:
     temperature: float = 1.0
     entropy_coef: float = 0.0
     log_ratio_clamp: float = 20.0
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
 
 
 @dataclass
@@ -113,13 +123,15 @@ class LogProbResult:
     """Output of :meth:`MegatronActor.compute_log_probs`, on every rank.
 
     ``log_probs`` / ``entropy`` [B, R] fp32 (0 on padding slots); with focus: ``focus_cos`` [B, R] fp32 and
-    ``has_image`` [B] bool, else ``None``.
+    ``has_image`` [B] bool, else ``None``; ``ref_log_probs`` [B, R] fp32: the KL reference's log-probs of
+    the same tokens when the actor has a reference, else ``None``.
     """
 
     log_probs: Tensor
     entropy: Tensor
     focus_cos: Tensor | None = None
     has_image: Tensor | None = None
+    ref_log_probs: Tensor | None = None
 
 
 class MegatronActor:
@@ -187,8 +199,30 @@ class MegatronActor:
         )
         self.steps = 0
         self.skipped_steps = 0
+        # the frozen KL reference (only with reference_hf_dir): built apart from the trained model
+        self.reference: torch.nn.Module | None = None
+        if cfg.reference_hf_dir is not None:
+            self.reference = self._build_reference(Path(cfg.reference_hf_dir))
         logger.info("MegatronActor tp=%d pp=%d dp=%d sp=%s dist_opt=%s dtype=%s", self.tp, self.pp, self.dp,
                     self.sequence_parallel, cfg.use_distributed_optimizer, cfg.params_dtype)
+
+    def _build_reference(self, hf_dir: Path) -> torch.nn.Module:
+        """This rank's shard of a frozen copy of ``hf_dir`` at the actor's layout and dtype (eval mode, no
+        grads). The RNG states are restored afterwards, so building it changes no later random draw."""
+        from megatron_vgpo.checkpoint.hf_mapping import load_hf_weights, read_hf_state_dict
+        from megatron_vgpo.models.qwen2_5_vl.model import build_model
+
+        rng = self._rng_state()
+        reference = build_model(self.hf_config, sequence_parallel=self.sequence_parallel,
+                                params_dtype=self.config.params_dtype, freeze_vision=self.config.freeze_vision)
+        self._set_rng_state(rng)
+        load_hf_weights(reference, read_hf_state_dict(str(hf_dir), lazy=True), self.hf_config)
+        reference.config.variable_seq_lengths = self.pp > 1
+        reference.capture_final_hidden = False
+        reference.requires_grad_(False)
+        reference.eval()
+        logger.info("KL reference policy built from %s", hf_dir)
+        return reference
 
     # ------------------------------------------------------------------------------------------------
     # helpers
@@ -214,8 +248,10 @@ class MegatronActor:
         groups = pack_by_token_budget(batch.seq_lengths, budget, seq_multiple=self.seq_multiple)
         return groups, [batch.select(g, seq_multiple=self.seq_multiple).to(self.device) for g in groups]
 
-    def _run_schedule(self, micro: list[RLBatch], loss_fn: Any, *, forward_only: bool) -> list[Any]:
-        """Megatron's schedule over ``micro``; ``loss_fn(mb, output) -> (loss, reduced)`` on the last stage."""
+    def _run_schedule(self, micro: list[RLBatch], loss_fn: Any, *, forward_only: bool,
+                      model: torch.nn.Module | None = None) -> list[Any]:
+        """Megatron's schedule over ``micro`` through ``model`` (default: the trained model);
+        ``loss_fn(mb, output) -> (loss, reduced)`` on the last stage."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[Tensor, Any]:
@@ -226,7 +262,7 @@ class MegatronActor:
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro),
-            model=[self.model],
+            model=[self.model if model is None else model],
             num_microbatches=len(micro),
             seq_length=max(mb.input_ids.shape[1] for mb in micro),
             micro_batch_size=max(mb.batch_size for mb in micro),
@@ -254,7 +290,8 @@ class MegatronActor:
         with_focus: bool = False,
         state_position: str = "own",
     ) -> LogProbResult:
-        """Per-token log-probs / entropy [B, R] (and focus cosines [B, R] + has_image [B]) of ``batch``.
+        """Per-token log-probs / entropy [B, R] (and focus cosines [B, R] + has_image [B]) of ``batch``, and
+        with a KL reference its log-probs [B, R] (same micro-batches, same call).
 
         Collective over the model-parallel group; returns the same tensors (CPU, fp32) on every rank.
         """
@@ -288,28 +325,40 @@ class MegatronActor:
                 out["focus_cos"], out["has_image"] = cos.float(), has
             return torch.zeros((), device=logits.device), out
 
+        def ref_loss_fn(mb: RLBatch, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            lp, _ = response_log_probs(
+                logits, mb.input_ids, mb.response_start, mb.response_length, width, temperature=temperature,
+                chunk_tokens=self.config.logprob_chunk_tokens, **self._vocab_args(logits.shape[-1]))
+            return torch.zeros((), device=logits.device), {"log_probs": lp}
+
         was_training = self.model.training
         self.model.eval()
         try:
             stored = self._run_schedule(micro, loss_fn, forward_only=True)
         finally:
             self.model.train(was_training)
-        # pack [B, 3R + 1]: log_probs | entropy | focus_cos | has_image, broadcast from the last stage
-        packed = torch.zeros(b, 3 * width + 1, dtype=torch.float32, device=self.device)
+        ref_stored = (self._run_schedule(micro, ref_loss_fn, forward_only=True, model=self.reference)
+                      if self.reference is not None else None)
+        # pack [B, 4R + 1]: log_probs | entropy | focus_cos | ref_log_probs | has_image, broadcast from the
+        # last stage
+        packed = torch.zeros(b, 4 * width + 1, dtype=torch.float32, device=self.device)
         if self.is_last_stage:
-            for idx, out in zip(groups, stored, strict=True):
+            for k, (idx, out) in enumerate(zip(groups, stored, strict=True)):
                 rows = torch.as_tensor(idx, device=self.device)
                 packed[rows, :width] = out["log_probs"]
                 packed[rows, width:2 * width] = out["entropy"]
                 if with_focus:
                     packed[rows, 2 * width:3 * width] = out["focus_cos"]
-                    packed[rows, 3 * width] = out["has_image"].float()
+                    packed[rows, 4 * width] = out["has_image"].float()
+                if ref_stored is not None:
+                    packed[rows, 3 * width:4 * width] = ref_stored[k]["log_probs"]
         packed = self._broadcast_from_last_stage(packed).cpu()
         return LogProbResult(
             log_probs=packed[:, :width].clone(),
             entropy=packed[:, width:2 * width].clone(),
             focus_cos=packed[:, 2 * width:3 * width].clone() if with_focus else None,
-            has_image=packed[:, 3 * width] > 0.5 if with_focus else None,
+            has_image=packed[:, 4 * width] > 0.5 if with_focus else None,
+            ref_log_probs=packed[:, 3 * width:4 * width].clone() if self.reference is not None else None,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -346,7 +395,13 @@ class MegatronActor:
         the mini-batches that stepped: ``loss`` (global token-mean policy loss of each mini-batch, mean over
         mini-batches, skipped ones included), ``pg_loss``, ``pg_clipfrac_high/low/dual``, ``approx_kl``,
         ``entropy`` (global token means), ``grad_norm``, ``lr``, plus ``steps`` / ``skipped_steps`` (this call)
-        and ``tokens`` (global valid response tokens), ``micro_batches`` (this rank).
+        and ``tokens`` (global loss tokens: ``response_mask`` slots), ``micro_batches`` (this rank),
+        ``mini_batches``, ``lr_schedule_step`` (the scheduler's update count after the call). With
+        ``loss_cfg.kl_coef > 0`` (needs ``batch.ref_log_probs``): ``kl_ref``, the global token mean of the
+        ``kl_type`` estimate of KL(policy || reference) in the loss, mean over mini-batches.
+
+        Tokens outside ``response_mask`` (e.g. responses masked out by overlong filtering) carry no loss and
+        do not count in the token-mean normalizer.
         """
         from megatron.core import parallel_state as ps
 
@@ -355,6 +410,9 @@ class MegatronActor:
         if batch.old_log_probs is None or batch.advantages is None:
             raise ValueError("train_step needs batch.old_log_probs and batch.advantages (fill them first)")
         loss_cfg = loss_cfg or LossConfig()
+        use_kl = loss_cfg.kl_coef > 0
+        if use_kl and batch.ref_log_probs is None:
+            raise ValueError(f"kl_coef={loss_cfg.kl_coef} needs batch.ref_log_probs (an actor with a reference)")
         budget = micro_batch_tokens or self.config.micro_batch_tokens
         width = batch.responses.shape[1]
         dp_group = ps.get_data_parallel_group()
@@ -364,7 +422,7 @@ class MegatronActor:
         for indices in split_contiguous(batch.batch_size, mini_batches):
             mini = batch.select(indices)
             # valid tokens and non-empty sequences of the GLOBAL mini-batch (all DP ranks)
-            counts = torch.tensor([float(mini.num_response_tokens), float((mini.response_length > 0).sum())],
+            counts = torch.tensor([float(mini.response_mask.sum()), float(mini.response_mask.any(-1).sum())],
                                   device=self.device)
             if self.dp > 1:
                 comm.all_reduce(counts, group=dp_group)
@@ -385,8 +443,11 @@ class MegatronActor:
                     clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, dual_clip=loss_cfg.dual_clip,
                     agg=loss_cfg.agg, global_tokens=normalizer, log_ratio_clamp=loss_cfg.log_ratio_clamp,
                     global_sequences=sequences, entropy_coef=loss_cfg.entropy_coef,
-                    entropy=ent if loss_cfg.entropy_coef else ent.detach())
-                tokens = float(mb.num_response_tokens)
+                    entropy=ent if loss_cfg.entropy_coef else ent.detach(),
+                    ref_log_probs=mb.ref_log_probs.float() if use_kl else None, kl_coef=loss_cfg.kl_coef,
+                    kl_type=loss_cfg.kl_type)
+                m.setdefault("kl_loss", torch.zeros((), device=lp.device))
+                tokens = float(mb.response_mask.sum())
                 # local sums (token-weighted means * tokens) -> summed over micro-batches and DP below
                 reduced = torch.stack([loss.detach()] + [m[k].detach().float() * tokens for k in _METRIC_SUMS])
                 # undo the schedule's division by the number of micro-batches and DDP's DP average
@@ -430,7 +491,11 @@ class MegatronActor:
             lr=totals["lr"] / stepped if totals["steps"] else float(self.optimizer.param_groups[0]["lr"]),
             steps=float(totals["steps"]), skipped_steps=float(totals["skipped_steps"]),
             tokens=totals["tokens"], micro_batches=float(totals["micro_batches"]),
+            mini_batches=float(mini_batches), lr_schedule_step=float(self.scheduler.num_steps),
         )
+        kl = metrics.pop("kl_loss")
+        if use_kl:
+            metrics["kl_ref"] = kl
         if not math.isfinite(metrics["loss"]):
             logger.warning("train_step loss is not finite: %s", metrics["loss"])
         return metrics
@@ -482,17 +547,26 @@ class MegatronActor:
             self._set_rng_state(loaded.rank_state)
         return extra.get("caller")
 
-    def load_weights(self, path: str | Path) -> Path:
+    def load_weights(self, path: str | Path, *, policy: bool = True, reference: bool = True) -> Path:
         """Model weights only from a Megatron distributed checkpoint (e.g. ``tools/convert_checkpoint.py
         import``; a folder or a root with ``latest``), at any saved layout; collective. The checkpoint's
         recorded configuration must match this model (``ConfigMismatchError`` on every rank before any
-        tensor is read, model untouched). The optimizer's main parameters are refreshed from the loaded
-        weights; its state, the LR schedule and the step counters stay fresh. Returns the folder loaded."""
+        tensor is read, model untouched). Into the trained model with ``policy`` (the optimizer's main
+        parameters are refreshed from the loaded weights; its state, the LR schedule and the step counters
+        stay fresh) and into the KL reference, when there is one, with ``reference`` (the checkpoint is then
+        the starting policy it stays frozen at). Returns the folder loaded."""
         from megatron_vgpo.checkpoint.dist_checkpoint import load_checkpoint
 
-        loaded = load_checkpoint(path, self.model, hf_config=self.hf_config, load_rank_state=False)
-        self.optimizer.reload_model_params()
-        logger.info("actor weights loaded from %s (iteration %d)", loaded.path, loaded.metadata.iteration)
+        loaded = None
+        if policy:
+            loaded = load_checkpoint(path, self.model, hf_config=self.hf_config, load_rank_state=False)
+            self.optimizer.reload_model_params()
+        if reference and self.reference is not None:
+            loaded = load_checkpoint(path, self.reference, hf_config=self.hf_config, load_rank_state=False)
+        if loaded is None:
+            return Path(path)
+        logger.info("weights loaded from %s (iteration %d; policy %s, reference %s)", loaded.path,
+                    loaded.metadata.iteration, policy, reference and self.reference is not None)
         return loaded.path
 
     def export_hf_weights(self, *, yield_on_all_tp_ranks: bool = False) -> Any:

@@ -13,8 +13,10 @@ Layout of :class:`RLBatch` (``B`` trajectories, ``S`` packed length, ``R`` padde
   concatenated in sample order; ``images_per_sample`` [B] and ``patches_per_sample`` [B] int64 say which
   rows belong to which sample, so :meth:`RLBatch.select` keeps every image with its sample.
 * per-trajectory ``uids`` [B] int64 (prompt group), ``rewards`` [B] float32, and per-token slots filled in
-  by later stages: ``old_log_probs`` / ``advantages`` / ``focus_cos`` [B, R] float32 and ``has_image`` [B]
-  bool (``None`` until set); ``pad_token_id`` fills padding.
+  by later stages: ``old_log_probs`` / ``advantages`` / ``focus_cos`` / ``ref_log_probs`` (the KL
+  reference's) [B, R] float32, ``has_image`` [B] bool and ``truncated`` [B] bool (the response hit the
+  length limit without an end token; read by overlong filtering) (``None`` until set); ``pad_token_id``
+  fills padding.
 
 Everything lives on the CPU until a consumer moves a micro-batch to its device (:meth:`RLBatch.to`).
 """
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PromptLike", "RLBatch", "build_local_rl_batch", "build_rl_batch", "dp_shard_indices",
            "shard_for_data_parallel"]
 
-_PER_TOKEN_SLOTS = ("old_log_probs", "advantages", "focus_cos")
+_PER_TOKEN_SLOTS = ("old_log_probs", "advantages", "focus_cos", "ref_log_probs")
 
 
 class PromptLike(Protocol):
@@ -73,6 +75,8 @@ class RLBatch:
     advantages: Tensor | None = None
     focus_cos: Tensor | None = None
     has_image: Tensor | None = None
+    ref_log_probs: Tensor | None = None
+    truncated: Tensor | None = None
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
@@ -92,8 +96,10 @@ class RLBatch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (b, r):
                 problems.append(f"{name} {tuple(value.shape)} != [B, R] = [{b}, {r}]")
-        if self.has_image is not None and tuple(self.has_image.shape) != (b,):
-            problems.append(f"has_image {tuple(self.has_image.shape)} != [B] = [{b}]")
+        for name in ("has_image", "truncated"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (b,):
+                problems.append(f"{name} {tuple(value.shape)} != [B] = [{b}]")
         if b and int((self.response_start + self.response_length).max()) > s:
             problems.append("some response_start + response_length exceeds S")
         if b and int(self.response_length.max()) > r:
@@ -175,6 +181,8 @@ class RLBatch:
             advantages=rows(self.advantages),
             focus_cos=rows(self.focus_cos),
             has_image=rows(self.has_image),
+            ref_log_probs=rows(self.ref_log_probs),
+            truncated=rows(self.truncated),
             pad_token_id=self.pad_token_id,
         )
 
@@ -236,6 +244,8 @@ class RLBatch:
             advantages=cat_opt("advantages", width),
             focus_cos=cat_opt("focus_cos", width),
             has_image=cat_opt("has_image"),
+            ref_log_probs=cat_opt("ref_log_probs", width),
+            truncated=cat_opt("truncated"),
             pad_token_id=pad_id,
         )
 

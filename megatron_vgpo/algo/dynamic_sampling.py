@@ -8,6 +8,7 @@ and keeps sampling rounds until enough groups survive. All per-trajectory inputs
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "DynamicSamplingBuffer",
     "DynamicSamplingExhausted",
     "disagreement_fraction",
+    "dp_group_multiple",
     "group_filter_mask",
     "group_mean",
     "overlong_penalty",
@@ -84,6 +86,14 @@ def overlong_penalty(
     return (-(excess / buffer)).clamp(-1.0, 0.0) * penalty_factor
 
 
+def dp_group_multiple(group_size: int, dp_size: int) -> int:
+    """Fewest groups of ``group_size`` trajectories whose total splits evenly over ``dp_size`` ranks:
+    ``dp_size / gcd(group_size, dp_size)``."""
+    if group_size < 1 or dp_size < 1:
+        raise ValueError(f"group_size ({group_size}) and dp_size ({dp_size}) must be >= 1")
+    return dp_size // math.gcd(group_size, dp_size)
+
+
 def _validate_bounds(low: float, high: float) -> None:
     if not low < high:
         raise ValueError(f"filter bounds need low < high, got low={low}, high={high}")
@@ -114,37 +124,64 @@ class DynamicSamplingBuffer:
 
     Usage::
 
-        buf = DynamicSamplingBuffer(target_groups=512, max_rounds=0)
-        while not buf.is_full:
+        buf = DynamicSamplingBuffer(target_groups=512, max_rounds=8, on_exhausted="partial")
+        while not buf.is_done:
             batch = sample_and_score()            # dict of [B]-leading tensors / lists
             buf.add_round(batch, accuracy=batch["acc"], group_ids=batch["uid"])
-        train_batch = buf.result()                # exactly 512 whole groups, in arrival order
+        train_batch = buf.result()                # whole groups in arrival order, + "group_index"
 
-    Groups are identified per round (the same id in two rounds is two groups). Within a round the kept
-    groups are taken in order of their first member; once full, the surplus is dropped group-wise so the
-    result holds exactly ``target_groups`` complete groups, rows in their original order.
-    ``max_rounds <= 0`` means unlimited; otherwise ``add_round`` raises ``DynamicSamplingExhausted`` when
-    the ``max_rounds``-th round still leaves the buffer short.
+    Groups are identified per round (the same id in two rounds is two groups). Every group seen gets a
+    step-unique ``group_index`` (0, 1, 2, ... over all rounds, by arrival: round, then first member), which
+    :meth:`result` returns for its rows, so group ids derived from it cannot collide however many prompts a
+    round has. Within a round the kept groups are taken in order of their first member; once full, the
+    surplus is dropped group-wise so the result holds exactly the target of complete groups, rows in their
+    original order. ``filter_groups=False`` keeps every group (no DAPO filter: one plain batch).
+
+    ``group_multiple``: the result always holds a multiple of it (e.g. the data-parallel size over
+    ``gcd(n, dp)``, so the trajectories split evenly over DP ranks): the target is rounded down to one, and a
+    partial result drops its last groups down to one (counted in ``groups_dropped``).
+
+    ``max_rounds <= 0`` means unlimited. When the ``max_rounds``-th round still leaves the buffer short:
+    ``on_exhausted="raise"`` makes ``add_round`` raise ``DynamicSamplingExhausted``; ``"partial"`` ends the
+    collection (``is_done``) and :meth:`result` returns the groups kept so far (possibly none).
     """
 
-    def __init__(self, target_groups: int, max_rounds: int = 0, low: float = 0.01, high: float = 0.99) -> None:
+    def __init__(self, target_groups: int, max_rounds: int = 0, low: float = 0.01, high: float = 0.99, *,
+                 filter_groups: bool = True, on_exhausted: str = "raise", group_multiple: int = 1) -> None:
         if target_groups <= 0:
             raise ValueError(f"target_groups must be > 0, got {target_groups}")
+        if group_multiple < 1 or target_groups < group_multiple:
+            raise ValueError(f"target_groups ({target_groups}) must be >= group_multiple ({group_multiple}) >= 1")
+        if on_exhausted not in ("raise", "partial"):
+            raise ValueError(f"on_exhausted must be 'raise' or 'partial', got {on_exhausted!r}")
         _validate_bounds(low, high)
-        self.target_groups = target_groups
+        self.requested_groups = target_groups
+        self.target_groups = target_groups - target_groups % group_multiple
+        self.group_multiple = group_multiple
         self.max_rounds = max_rounds
         self.low = low
         self.high = high
+        self.filter_groups = filter_groups
+        self.on_exhausted = on_exhausted
         self.rounds = 0
         self.num_groups = 0
         self.groups_seen = 0
+        self.groups_filtered = 0
+        self.groups_dropped = 0
+        self.exhausted = False
         self.disagreement_fractions: list[float] = []
         self._parts: list[dict[str, torch.Tensor | list[Any]]] = []
+        self._template: dict[str, torch.Tensor | list[Any]] | None = None
 
     @property
     def is_full(self) -> bool:
         """True once ``target_groups`` groups have been kept."""
         return self.num_groups >= self.target_groups
+
+    @property
+    def is_done(self) -> bool:
+        """True when full, or when the rounds ran out (``on_exhausted="partial"``)."""
+        return self.is_full or self.exhausted
 
     def add_round(self, batch: Batch, accuracy: torch.Tensor, group_ids: torch.Tensor) -> int:
         """Filter one sampled round and keep its surviving groups; returns the number of groups kept.
@@ -154,18 +191,22 @@ class DynamicSamplingBuffer:
             accuracy: ``[B]`` float accuracy (or any reward) used for the filter.
             group_ids: ``[B]`` int64 prompt uid per trajectory.
         """
-        if self.is_full:
-            raise RuntimeError("DynamicSamplingBuffer is already full; call result()")
+        if self.is_done:
+            raise RuntimeError("DynamicSamplingBuffer is done (full or out of rounds); call result()")
         n_rows = accuracy.shape[0]
         for key, value in batch.items():
             if len(value) != n_rows:
                 raise ValueError(f"batch field {key!r} has length {len(value)}, expected B={n_rows}")
+        if "group_index" in batch:
+            raise ValueError("batch field 'group_index' is reserved: the buffer assigns it")
+        if self._template is None:
+            self._template = _select_rows(batch, torch.zeros(0, dtype=torch.long))
         self.rounds += 1
         kept_groups = 0
         if n_rows:
-            keep = group_filter_mask(accuracy, group_ids, self.low, self.high)
+            keep = (group_filter_mask(accuracy, group_ids, self.low, self.high) if self.filter_groups
+                    else torch.ones(n_rows, dtype=torch.bool, device=accuracy.device))
             index, num_groups = group_index(group_ids)
-            self.groups_seen += num_groups
             self.disagreement_fractions.append(disagreement_fraction(accuracy, group_ids))
             kept_per_group = torch.zeros(num_groups, dtype=torch.bool, device=index.device)
             kept_per_group[index[keep]] = True
@@ -180,30 +221,57 @@ class DynamicSamplingBuffer:
             rows = torch.nonzero(admit_group[index], as_tuple=False).squeeze(-1)
             kept_groups = int(admit_group.sum())
             if kept_groups:
-                self._parts.append(_select_rows(batch, rows))
+                part = _select_rows(batch, rows)
+                part["group_index"] = (self.groups_seen + rank[index[rows]]).to(torch.int64).cpu()
+                self._parts.append(part)
+            self.groups_seen += num_groups
+            self.groups_filtered += num_groups - n_kept
+            self.groups_dropped += n_kept - kept_groups
             self.num_groups += kept_groups
-        logger.info(
-            "dynamic sampling round %d: kept %d groups, %d/%d collected",
-            self.rounds,
-            kept_groups,
-            self.num_groups,
-            self.target_groups,
-        )
+        logger.info("dynamic sampling round %d: kept %d groups, %d/%d collected", self.rounds, kept_groups,
+                    self.num_groups, self.target_groups)
         if not self.is_full and self.max_rounds > 0 and self.rounds >= self.max_rounds:
-            raise DynamicSamplingExhausted(
-                f"dynamic sampling collected only {self.num_groups}/{self.target_groups} groups after "
-                f"max_rounds={self.max_rounds} rounds ({self.groups_seen} groups sampled); raise max_rounds, "
-                f"widen (low, high)=({self.low}, {self.high}) or set max_rounds<=0 for unlimited"
-            )
+            if self.on_exhausted == "raise":
+                raise DynamicSamplingExhausted(
+                    f"dynamic sampling collected only {self.num_groups}/{self.target_groups} groups after "
+                    f"max_rounds={self.max_rounds} rounds ({self.groups_seen} groups sampled); raise max_rounds, "
+                    f"widen (low, high)=({self.low}, {self.high}), set max_rounds<=0 for unlimited or train on "
+                    "the partial batch")
+            self.exhausted = True
+            self._trim_to_multiple()
         return kept_groups
 
+    def _trim_to_multiple(self) -> None:
+        """Drop the last kept groups until their number is a multiple of ``group_multiple``."""
+        surplus = self.num_groups % self.group_multiple
+        while surplus:
+            part = self._parts[-1]
+            last = part["group_index"]
+            groups = torch.unique(last)  # sorted: the latest-arriving groups last
+            drop = min(surplus, groups.numel())
+            keep_rows = torch.nonzero(~torch.isin(last, groups[groups.numel() - drop:]), as_tuple=False).squeeze(-1)
+            if keep_rows.numel():
+                self._parts[-1] = _select_rows(part, keep_rows)
+            else:
+                self._parts.pop()
+            surplus -= drop
+            self.num_groups -= drop
+            self.groups_dropped += drop
+
     def result(self) -> dict[str, torch.Tensor | list[Any]]:
-        """Concatenate the kept rows of all rounds (raises if not full yet)."""
-        if not self.is_full:
+        """Concatenate the kept rows of all rounds, plus ``group_index`` [B] int64 (see the class doc).
+
+        Raises unless full, or out of rounds with ``on_exhausted="partial"`` (then possibly no rows)."""
+        if not self.is_done:
             raise RuntimeError(f"only {self.num_groups}/{self.target_groups} groups collected so far")
+        parts = self._parts
+        if not parts:
+            template = dict(self._template or {})
+            template["group_index"] = torch.zeros(0, dtype=torch.int64)
+            return template
         merged: dict[str, torch.Tensor | list[Any]] = {}
-        for key in self._parts[0]:
-            values = [part[key] for part in self._parts]
+        for key in parts[0]:
+            values = [part[key] for part in parts]
             if isinstance(values[0], torch.Tensor):
                 merged[key] = torch.cat(values, dim=0)  # type: ignore[arg-type]
             else:
@@ -219,6 +287,9 @@ class DynamicSamplingBuffer:
             "dynamic_sampling/rounds": float(self.rounds),
             "dynamic_sampling/groups_kept": float(self.num_groups),
             "dynamic_sampling/groups_seen": float(self.groups_seen),
+            "dynamic_sampling/groups_filtered": float(self.groups_filtered),
+            "dynamic_sampling/groups_dropped": float(self.groups_dropped),
+            "dynamic_sampling/exhausted": float(self.exhausted),
             "dynamic_sampling/keep_rate": self.num_groups / max(self.groups_seen, 1),
             "dynamic_sampling/disagreement_fraction": mean_disagree,
         }

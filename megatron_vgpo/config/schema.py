@@ -175,7 +175,26 @@ class AlgorithmConfig:
     ``vgpo``). Switching ``name`` alone changes nothing else, so ``algorithm.name=grpo`` vs ``vgpo`` is a
     controlled comparison; ``grpo`` turns dynamic sampling off unless ``dynamic_sampling`` is set.
     ``max_sampling_rounds`` bounds the rollout batches drawn per step to fill it (``<= 0``: no limit, as
-    in DAPO)."""
+    in DAPO); ``sampling_exhausted`` says what a step does when the rounds run out before
+    ``trainer.prompts_per_step`` groups are kept: ``train`` (default) trains on the groups kept so far,
+    ``raise`` stops the run with ``DynamicSamplingExhausted``. The filter reads the RAW task score (the
+    grader's 0/1 accuracy, before overlong shaping), as DAPO's ``filter_groups.metric=acc`` does. The kept
+    groups of a step are always a multiple of ``dp / gcd(rollout.n, dp)`` (``dp``: the data-parallel size),
+    so the trajectories split evenly over the DP ranks (surplus groups are dropped, counted in
+    ``rollout/dropped_groups``).
+
+    KL to a reference policy (off at ``kl_coef=0``, then no reference model is built): the loss gains
+    ``kl_coef * KL_t`` per token, ``KL_t`` the ``kl_estimator`` (``k1``: ``log pi - log ref``; ``k2``:
+    ``0.5 (log pi - log ref)^2``; ``k3``: ``ref/pi - log(ref/pi) - 1``, clamped to [-10, 10]) against the
+    frozen STARTING policy (the folder the RL phase starts from: the SFT export when SFT ran, else
+    ``model.hf_dir``, also after a resume), at the training layout; logged as ``actor/kl_ref``.
+
+    DAPO overlong reward shaping (off when ``overlong_buffer_len`` or ``overlong_penalty_factor`` is 0): a
+    response of ``L`` tokens gets ``max(-(L - (L_max - buffer)) / buffer, -1) * factor`` added to its reward
+    when ``L > L_max - buffer``, ``L_max = rollout.max_new_tokens``, before the advantages (metrics
+    ``rollout/overlong_penalty_mean``, ``rollout/overlong_fraction``). ``overlong_filter``: responses that
+    hit ``rollout.max_new_tokens`` without an end token get zero loss weight (their tokens leave the loss and
+    its token count; their rewards still count in their group's advantage statistics)."""
 
     name: Literal["grpo", "dapo", "vgpo"] = "vgpo"
     estimator: Literal["grpo", "drgrpo"] = "grpo"
@@ -187,17 +206,41 @@ class AlgorithmConfig:
     dynamic_sampling: bool | None = None
     accuracy_bounds: tuple[float, float] = (0.01, 0.99)
     max_sampling_rounds: int = 4
+    sampling_exhausted: Literal["train", "raise"] = "train"
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    overlong_buffer_len: int = 0
+    overlong_penalty_factor: float = 1.0
+    overlong_filter: bool = False
     state_position: Literal["own", "producing"] = "own"
     vgpo: VGPOConfig = field(default_factory=VGPOConfig)
+
+    def __post_init__(self) -> None:
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0 (0: no KL term), got {self.kl_coef}")
+        if self.overlong_buffer_len < 0 or self.overlong_penalty_factor < 0:
+            raise ValueError(f"overlong_buffer_len ({self.overlong_buffer_len}) and overlong_penalty_factor "
+                             f"({self.overlong_penalty_factor}) must be >= 0 (0: no overlong shaping)")
 
     @property
     def uses_dynamic_sampling(self) -> bool:
         return self.name != "grpo" if self.dynamic_sampling is None else self.dynamic_sampling
 
+    @property
+    def uses_overlong_shaping(self) -> bool:
+        return self.overlong_buffer_len > 0 and self.overlong_penalty_factor > 0
+
 
 @dataclass
 class OptimizerConfig:
-    """Adam through Megatron's optimizer (``distributed`` = distributed optimizer)."""
+    """Adam through Megatron's optimizer (``distributed`` = distributed optimizer).
+
+    The LR schedule counts the optimizer updates actually taken (one per mini-batch that stepped; a skipped
+    non-finite update does not count): ``warmup_steps`` is in updates and ``cosine`` decays to ``min_lr`` over
+    the planned ``trainer.steps x trainer.mini_batches`` updates. A step that takes fewer updates (too few
+    trajectories for ``trainer.mini_batches`` mini-batches, logged as ``actor/mini_batches``) or none leaves
+    the schedule that many updates short of its end (``actor/lr_schedule_step`` logs the count).
+    """
 
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -262,10 +305,13 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics go to TensorBoard (``RUN_DIR/tb``) and, when ``wandb_project`` is set, to W&B."""
+    """Metrics go to TensorBoard (``RUN_DIR/tb``) and, when ``wandb_project`` is set, to W&B.
+    ``rollout_dump``: rank 0 appends each step's kept groups (uid, prompt index, raw scores, shaped rewards,
+    response lengths, truncation) as one JSON line to ``RUN_DIR/rollouts.jsonl`` (a debugging aid)."""
 
     tensorboard: bool = True
     wandb_project: str | None = None
+    rollout_dump: bool = False
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -294,6 +340,9 @@ class TrainConfig:
             raise ValueError(f"optimizer.lr_schedule=cosine decays over trainer.steps x trainer.mini_batches = "
                              f"{updates} updates, which must exceed optimizer.warmup_steps ({opt.warmup_steps}); lower "
                              "the warm-up or use optimizer.lr_schedule=constant")
+        if self.algorithm.overlong_buffer_len > self.rollout.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer_len ({self.algorithm.overlong_buffer_len}) must be <= "
+                             f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         if sft.enabled and sft.lr_schedule == "cosine" and sft.max_steps <= sft.warmup_steps:
             raise ValueError(f"sft.lr_schedule=cosine decays over sft.max_steps ({sft.max_steps}), which must "
                              f"exceed sft.warmup_steps ({sft.warmup_steps})")

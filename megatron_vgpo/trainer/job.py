@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megatron_vgpo.config import TrainConfig, to_dict
 from megatron_vgpo.distributed import comm
-from megatron_vgpo.trainer.rl_step import broadcast_object, sync_weights
+from megatron_vgpo.trainer.rl_step import broadcast_object, check_group_layout, data_parallel_size, sync_weights
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +157,18 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
             hf_dir, start_ckpt = sft_dir, None  # the warm start began from the checkpoint
 
         cosine = cfg.optimizer.lr_schedule == "cosine" and cfg.trainer.steps > 0  # steps=0: SFT / evaluation only
-        actor = MegatronActor(hf_dir, _actor_config(
+        rl_actor_config = _actor_config(
             cfg, lr=cfg.optimizer.lr, warmup=cfg.optimizer.warmup_steps if cfg.trainer.steps > 0 else 0,
             schedule="cosine" if cosine else "constant",
-            decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cosine else None))
+            decay_steps=cfg.trainer.steps * cfg.trainer.mini_batches if cosine else None)
+        # KL reference: the frozen starting policy (this folder, also after a resume), only when used
+        check_group_layout(cfg, data_parallel_size())
+        if cfg.algorithm.kl_coef > 0:
+            rl_actor_config.reference_hf_dir = str(hf_dir)
+        actor = MegatronActor(hf_dir, rl_actor_config)
         engine = make_engine(cfg, hf_dir) if rank0 else None
-        if start_ckpt is not None and not resuming:
-            actor.load_weights(start_ckpt)
+        if start_ckpt is not None:  # a resumed policy comes from its own checkpoint; the KL reference never
+            actor.load_weights(start_ckpt, policy=not resuming)
             sync_weights(actor, engine, cfg)  # the engine started from the HF folder
         before_path = run_dir / "val_before.json"
         if resuming and before_path.is_file():
