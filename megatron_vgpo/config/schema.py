@@ -6,10 +6,13 @@ the reference for every YAML key; ``examples/tiny_cpu.yaml`` is the embedded def
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from megatron_vgpo.algo.vgpo import VGPOConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -337,12 +340,12 @@ class TrainConfig:
         opt, sft = self.optimizer, self.sft
         updates = self.trainer.steps * self.trainer.mini_batches
         if opt.lr_schedule == "cosine" and 0 < updates <= opt.warmup_steps:
-            raise ValueError(f"optimizer.lr_schedule=cosine decays over trainer.steps x trainer.mini_batches = "
-                             f"{updates} updates, which must exceed optimizer.warmup_steps ({opt.warmup_steps}); lower "
-                             "the warm-up or use optimizer.lr_schedule=constant")
-        if self.algorithm.overlong_buffer_len > self.rollout.max_new_tokens:
-            raise ValueError(f"algorithm.overlong_buffer_len ({self.algorithm.overlong_buffer_len}) must be <= "
-                             f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+            # a short run of a long recipe (e.g. trainer.steps=3 for a smoke test): warm up over all but the
+            # last update instead of refusing; the resolved value is what RUN_DIR/config.yaml records
+            capped = updates - 1
+            logger.warning("optimizer.warmup_steps=%d capped at %d: the cosine schedule has only trainer.steps x "
+                           "trainer.mini_batches = %d updates", opt.warmup_steps, capped, updates)
+            opt.warmup_steps = capped
         if sft.enabled and sft.lr_schedule == "cosine" and sft.max_steps <= sft.warmup_steps:
             raise ValueError(f"sft.lr_schedule=cosine decays over sft.max_steps ({sft.max_steps}), which must "
                              f"exceed sft.warmup_steps ({sft.warmup_steps})")
