@@ -19,6 +19,9 @@ class ModelConfig:
     ``hf_dir``: an existing Hugging Face folder (config, safetensors, tokenizer, processor). When it is
     ``null`` the job builds a randomly initialised tiny model (``tiny_preset``/``tiny_seed``/``tokenizer``)
     under ``RUN_DIR/model`` with ``tools/make_tiny_model.py``'s library function.
+    ``dtype``: the tiny model's saved dtype, the rollout engine's dtype and the Megatron actor's parameter
+    dtype (``bfloat16``: Megatron mixed precision, bf16 weights and compute with fp32 gradient buffers and
+    fp32 main params + Adam states in the optimizer; ``summary.json`` records ``actor_params_dtype``).
     """
 
     hf_dir: str | None = None
@@ -79,15 +82,24 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron layout: tensor (``tp``, with sequence parallel ``sp``) x pipeline (``pp``) x data (rest)."""
+    """Megatron layout: tensor (``tp``, with sequence parallel ``sp``) x pipeline (``pp``) x data (rest).
+
+    ``recompute``: activation recompute of the decoder layers in the training pass (memory for compute;
+    results are unchanged): ``none``; ``selective`` (Megatron's selective recompute: core attention is
+    recomputed in the backward); ``full`` (each decoder layer keeps only its input and is recomputed,
+    ``recompute_method=uniform``, ``recompute_num_layers=1``).
+    """
 
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"parallel.recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
         if self.sp and self.tp == 1:
             raise ValueError("sp (sequence parallel) needs tp > 1")
 
