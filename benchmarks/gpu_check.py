@@ -146,7 +146,7 @@ def matmul_params(actor: Any) -> tuple[int, int, int]:
     return p, cfg.num_layers, cfg.num_attention_heads * cfg.kv_channels
 
 
-def vgpo_seconds(batch: int, tokens: int, device: torch.device, repeats: int) -> float:
+def vgpo_seconds(batch: int, tokens: int, device: torch.device, repeats: int, *, warmup: bool = True) -> float:
     """Median seconds of focus -> factors -> re-weighted advantages at [batch, tokens] on ``device``."""
     from megatron_vgpo.algo.vgpo import VGPOConfig, apply_vgpo, compute_vgpo_factors, focus_from_cosine
 
@@ -162,16 +162,18 @@ def vgpo_seconds(batch: int, tokens: int, device: torch.device, repeats: int) ->
         rho = focus_from_cosine(cos, mask, cfg)
         return apply_vgpo(adv, compute_vgpo_factors(rho, mask, uids, cfg), mask)
 
-    run()  # warm-up
+    if warmup:
+        run()
     return timed(run, repeats)[0]
 
 
-def export_seconds(actor: Any, repeats: int) -> tuple[float, int]:
+def export_seconds(actor: Any, repeats: int, *, warmup: bool = True) -> tuple[float, int]:
     """Median seconds to stream every HF tensor out of the actor, and the bytes streamed."""
     def run() -> int:
         return sum(t.numel() * t.element_size() for _, t in actor.export_hf_weights())
 
-    run()
+    if warmup:
+        run()
     return timed(run, repeats)
 
 
@@ -232,13 +234,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fwd_flops = 2 * p * tokens + 2 * layers * d * args.seq * tokens
         results.update(tokens=tokens, matmul_params=p, attn_width=d)
 
-        actor.compute_log_probs(batch, with_focus=True)  # warm-up
+        if not args.smoke:  # warm-ups (the smoke run only checks that everything runs)
+            actor.compute_log_probs(batch, with_focus=True)
         lp_s, res = timed(lambda: actor.compute_log_probs(batch, with_focus=True), args.repeats)
         train_batch = dataclasses.replace(
             batch, old_log_probs=res.log_probs, advantages=torch.randn(batch.batch_size, 1) * batch.response_mask)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        actor.train_step(train_batch, mini_batches=1)  # warm-up (allocates the optimizer states)
+        if not args.smoke:
+            actor.train_step(train_batch, mini_batches=1)  # allocates the optimizer states
         step_s, metrics = timed(lambda: actor.train_step(train_batch, mini_batches=1), args.repeats)
         if not all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss", "grad_norm")):
             raise RuntimeError(f"non-finite train step: {metrics}")
@@ -249,10 +253,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "mfu": 3 * fwd_flops / step_s / peak, "micro_batches": metrics["micro_batches"]}
         results["logprob"] = {"seconds": lp_s, "tokens_per_s": tokens / lp_s, "tflops": fwd_flops / lp_s / 1e12,
                               "mfu": fwd_flops / lp_s / peak}
-        v_s = vgpo_seconds(args.vgpo_batch, args.vgpo_tokens, device, args.repeats)
+        v_s = vgpo_seconds(args.vgpo_batch, args.vgpo_tokens, device, args.repeats, warmup=not args.smoke)
         results["vgpo"] = {"seconds": v_s, "fraction_of_step": v_s / step_s,
                            "shape": [args.vgpo_batch, args.vgpo_tokens]}
-        e_s, nbytes = export_seconds(actor, args.repeats)
+        e_s, nbytes = export_seconds(actor, args.repeats, warmup=not args.smoke)
         results["export"] = {"seconds": e_s, "gbytes": nbytes / 1e9, "gb_per_s": nbytes / 1e9 / e_s}
     finally:
         destroy()

@@ -195,7 +195,7 @@ def plan_layout(
         hf_config: HF ``Qwen2_5_VLConfig`` or its dict.
         tp, pp, dp: tensor-, pipeline- and data-parallel sizes.
         micro_batch_tokens: tokens per micro-batch (sequence x micro-batch size); when given, adds an
-            activation estimate (bf16, TP + SP, flash attention, no recompute, 1F1B: stage s holds pp - s
+            activation estimate (bf16, TP + SP, flash attention, ``recompute`` below, 1F1B: stage s holds pp - s
             micro-batches in flight) and the last stage's fp32 logits [tokens, vocab/TP].
         name: label for tables.
         recompute: ``none`` | ``selective`` | ``full`` (``parallel.recompute``). ``selective`` recomputes
