@@ -177,7 +177,7 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
                        resumed_from_step=counters["resumed_from_step"], algorithm=cfg.algorithm.name,
                        rollout_backend=type(engine).__name__ if engine is not None else None,
                        actor_params_dtype=str(actor.config.params_dtype).replace("torch.", ""),
-                       recompute=cfg.parallel.recompute)
+                       recompute=actor.config.recompute)
     finally:
         if engine is not None:
             engine.shutdown()
