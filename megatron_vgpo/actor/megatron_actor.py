@@ -69,10 +69,15 @@ class ActorConfig:
     ``lr_schedule``: ``"constant"`` or ``"cosine"`` (needs ``lr_decay_steps``), both with linear warmup; the
     scheduler advances once per optimizer update actually taken (skipped non-finite updates do not count).
     ``reference_hf_dir``: an HF folder to build the frozen KL reference from (``None``: no reference).
+    ``params_dtype``: float32, or bfloat16 for Megatron's mixed precision (bf16 weights and compute, vision
+    tower included; fp32 gradient buffers and fp32 main params + Adam states in the optimizer; log-probs,
+    entropy and focus computed in fp32 from the bf16 logits / hidden states). ``recompute``: activation
+    recompute of the decoder layers, ``"none"`` | ``"selective"`` | ``"full"``.
     """
 
     sequence_parallel: bool = False
     params_dtype: torch.dtype = torch.float32
+    recompute: str = "none"
     freeze_vision: bool = False
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -101,6 +106,10 @@ class ActorConfig:
             raise ValueError(f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
         if self.micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.params_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"params_dtype must be torch.float32 or torch.bfloat16, got {self.params_dtype}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
 
 
 @dataclass
@@ -166,7 +175,8 @@ class MegatronActor:
         self.sequence_parallel = bool(cfg.sequence_parallel and self.tp > 1)
 
         model = build_model(self.hf_config, sequence_parallel=self.sequence_parallel,
-                            params_dtype=cfg.params_dtype, freeze_vision=cfg.freeze_vision)
+                            params_dtype=cfg.params_dtype, freeze_vision=cfg.freeze_vision,
+                            recompute=cfg.recompute)
         load_hf_weights(model, read_hf_state_dict(str(hf_dir), lazy=True), self.hf_config)
         self.module = model
         mcfg = model.config
@@ -187,7 +197,7 @@ class MegatronActor:
                 optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                 adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.adam_eps,
                 clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer,
-                params_dtype=cfg.params_dtype, bf16=bf16, fp16=cfg.params_dtype == torch.float16,
+                params_dtype=cfg.params_dtype, bf16=bf16, fp16=False,
             ),
             [self.model],
         )
@@ -203,8 +213,8 @@ class MegatronActor:
         self.reference: torch.nn.Module | None = None
         if cfg.reference_hf_dir is not None:
             self.reference = self._build_reference(Path(cfg.reference_hf_dir))
-        logger.info("MegatronActor tp=%d pp=%d dp=%d sp=%s dist_opt=%s dtype=%s", self.tp, self.pp, self.dp,
-                    self.sequence_parallel, cfg.use_distributed_optimizer, cfg.params_dtype)
+        logger.info("MegatronActor tp=%d pp=%d dp=%d sp=%s dist_opt=%s dtype=%s recompute=%s", self.tp, self.pp,
+                    self.dp, self.sequence_parallel, cfg.use_distributed_optimizer, cfg.params_dtype, cfg.recompute)
 
     def _build_reference(self, hf_dir: Path) -> torch.nn.Module:
         """This rank's shard of a frozen copy of ``hf_dir`` at the actor's layout and dtype (eval mode, no

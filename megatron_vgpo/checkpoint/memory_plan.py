@@ -39,6 +39,9 @@ BYTES_ADAM_FP32 = 8
 #: Activation bytes per token per hidden unit per layer with TP + sequence parallel and flash attention
 #: (Korthikanti et al. 2022, 34 s b h / t; the 5 a s / h attention-score term vanishes with flash attention).
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34
+#: With full recompute (``parallel.recompute=full``) a decoder layer keeps only its bf16 input (2 bytes per
+#: token per hidden unit, SP-sharded); the layer being recomputed holds its full activations once.
+FULL_RECOMPUTE_BYTES_PER_TOKEN_HIDDEN = 2
 
 
 class LayoutError(ValueError):
@@ -184,6 +187,7 @@ def plan_layout(
     *,
     micro_batch_tokens: int | None = None,
     name: str = "",
+    recompute: str = "none",
 ) -> LayoutPlan:
     """Parameters and memory per GPU of each pipeline stage of Qwen2.5-VL at TP x PP x DP.
 
@@ -191,9 +195,13 @@ def plan_layout(
         hf_config: HF ``Qwen2_5_VLConfig`` or its dict.
         tp, pp, dp: tensor-, pipeline- and data-parallel sizes.
         micro_batch_tokens: tokens per micro-batch (sequence x micro-batch size); when given, adds an
-            activation estimate (bf16, TP + SP, flash attention, no recompute, 1F1B: stage s holds pp - s
+            activation estimate (bf16, TP + SP, flash attention, ``recompute`` below, 1F1B: stage s holds pp - s
             micro-batches in flight) and the last stage's fp32 logits [tokens, vocab/TP].
         name: label for tables.
+        recompute: ``none`` | ``selective`` | ``full`` (``parallel.recompute``). ``selective`` recomputes
+            core attention, whose score term the flash-attention estimate already omits: same estimate as
+            ``none``. ``full``: each in-flight layer keeps its input only
+            (:data:`FULL_RECOMPUTE_BYTES_PER_TOKEN_HIDDEN`), plus one layer's full activations.
 
     Raises:
         LayoutError: the layout cannot hold this model (e.g. attention heads not divisible by TP).
@@ -225,7 +233,11 @@ def plan_layout(
         act = logits = None
         if micro_batch_tokens is not None:
             in_flight = pp - s
-            act = n_layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * micro_batch_tokens * h // tp * in_flight
+            per_token_hidden = n_layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * in_flight
+            if recompute == "full":
+                per_token_hidden = (n_layers * FULL_RECOMPUTE_BYTES_PER_TOKEN_HIDDEN * in_flight
+                                    + ACTIVATION_BYTES_PER_TOKEN_HIDDEN)
+            act = per_token_hidden * micro_batch_tokens * h // tp
             logits = micro_batch_tokens * (vp // tp) * 4 if last else 0
         stages.append(StagePlan(
             stage=s, layers=(lo, hi), vision=vision, embedding=embedding,

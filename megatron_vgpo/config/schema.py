@@ -29,6 +29,10 @@ class ModelConfig:
     by a weight sync before the first validation. Its recorded configuration must match the HF folder's
     (the job refuses it before training). The HF folder still gives the config, tokenizer and processor. A
     resumed run (``trainer.resume``) restores its own checkpoint instead.
+
+    ``dtype``: the tiny model's saved dtype, the rollout engine's dtype and the Megatron actor's parameter
+    dtype (``bfloat16``: Megatron mixed precision, bf16 weights and compute with fp32 gradient buffers and
+    fp32 main params + Adam states in the optimizer; ``summary.json`` records ``actor_params_dtype``).
     """
 
     hf_dir: str | None = None
@@ -96,16 +100,24 @@ class ParallelConfig:
     machine. Under an outside launcher (``torchrun``, ``cluster/torchrun/launch.sh``, NeMo-Run, Slurm) the
     world size decides: it must be a multiple of ``tp * pp``, the quotient is the data-parallel size, and a
     ``dp`` other than 1 must equal it (a mismatch is refused before any rank builds a model).
+
+    ``recompute``: activation recompute of the decoder layers in the training pass (memory for compute;
+    results are unchanged): ``none``; ``selective`` (Megatron's selective recompute: core attention is
+    recomputed in the backward); ``full`` (each decoder layer keeps only its input and is recomputed,
+    ``recompute_method=uniform``, ``recompute_num_layers=1``).
     """
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     sp: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1 or self.dp < 1:
             raise ValueError(f"tp, pp and dp must be >= 1, got tp={self.tp} pp={self.pp} dp={self.dp}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"parallel.recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
         if self.sp and self.tp == 1:
             raise ValueError("sp (sequence parallel) needs tp > 1")
 

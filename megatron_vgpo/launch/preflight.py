@@ -277,7 +277,8 @@ def run_checks(args: argparse.Namespace) -> list[CheckResult]:
 
         gpu_bytes = min(b for _, b in devices)
         tokens = args.micro_batch_tokens or cfg.trainer.micro_batch_tokens
-        plan = plan_layout(hf_cfg, tp, pp, world // (tp * pp), micro_batch_tokens=tokens)
+        plan = plan_layout(hf_cfg, tp, pp, world // (tp * pp), micro_batch_tokens=tokens,
+                           recompute=cfg.parallel.recompute)
         opt = option_from_plan(plan, gpu_bytes, int(sglang_fraction(cfg, args.colocate_sglang_fraction) * gpu_bytes),
                                int(args.reserve_gib * 1024**3))
         need = opt.need_bytes_distributed

@@ -18,14 +18,21 @@ Patches (name: what breaks without it -> what it does):
     The pipeline schedules (``total_num_tokens``), optimizers (``found_inf``, ``_scale_one``), grad
     clipping and the grad scaler hard-code ``device="cuda"`` / ``.cuda()``. -> A process-wide
     ``TorchFunctionMode`` rewrites CUDA device arguments of factory functions, ``Tensor.to``,
-    ``Tensor.cuda`` and ``pin_memory`` to CPU.
+    ``Tensor.cuda`` and ``pin_memory`` to CPU. Torch function modes do not reach the autograd engine's
+    backward calls, and activation recompute re-runs forward code (``device="cuda"`` causal masks)
+    inside Megatron's ``CheckpointFunction`` / ``CheckpointWithoutOutputFunction`` backward: those two
+    backward methods enter the mode again.
 ``cuda_tensor_type``
     The optimizers check ``param.type() == "torch.cuda.FloatTensor"`` (clip_grads, optimizer,
     distrib_optimizer). -> Inside the same mode, a bare ``Tensor.type()`` of a CPU tensor reports the
     ``torch.cuda.*`` name. Requires ``device_map``.
 ``rng_tracker``
     ``model_parallel_cuda_manual_seed`` and the tracker's ``fork`` read and write CUDA generator
-    states. -> A tracker with the same interface whose states are CPU generator states.
+    states. -> A tracker with the same interface whose states are CPU generator states. Activation
+    recompute (``tensor_parallel.checkpoint``, ``CheckpointWithoutOutput``) also saves and restores "the
+    CUDA RNG state" beside the CPU one and the tracker's: on a CPU there is none, so Megatron's
+    ``_get_cuda_rng_state`` returns ``None`` and ``_set_cuda_rng_state(None)`` does nothing (the CPU
+    state and the tracker's states, which are what a CPU run draws from, are still restored).
 ``sp_norm``
     Without apex/TE, Megatron's ``WrappedTorchNorm`` asserts ``not sequence_parallel``. -> Build the
     norm with the flag off, then tag its parameters ``sequence_parallel=True`` exactly as apex's fused
@@ -161,10 +168,24 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
 
 
 def patch_device_map(fake_cuda_type: bool) -> None:
-    """Enter a process-wide :class:`CudaToCpuMode` (stays active for the life of the process)."""
+    """Enter a process-wide :class:`CudaToCpuMode` (stays active for the life of the process), and in the
+    backward of Megatron's recompute functions (the autograd engine runs those without the mode)."""
     global _device_mode
     _device_mode = CudaToCpuMode(fake_cuda_type)
     _device_mode.__enter__()
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for cls in (mrandom.CheckpointFunction, getattr(mrandom, "CheckpointWithoutOutputFunction", None)):
+        if cls is None or getattr(cls.backward, "_megatron_vgpo_patched", False):
+            continue
+        original = cls.backward
+
+        def backward(ctx, *grads, _original=original):
+            with CudaToCpuMode(fake_cuda_type):
+                return _original(ctx, *grads)
+
+        backward._megatron_vgpo_patched = True  # type: ignore[attr-defined]
+        cls.backward = staticmethod(backward)
 
 
 def patch_rng_tracker() -> None:
@@ -197,6 +218,16 @@ def patch_rng_tracker() -> None:
             finally:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(orig)
+
+    def _get_cuda_rng_state(*args, **kwargs) -> None:
+        return None  # no CUDA generator on a CPU-only machine
+
+    def _set_cuda_rng_state(new_state, *args, **kwargs) -> None:
+        if new_state is not None:
+            raise RuntimeError("a CUDA RNG state reached the CPU patch of _set_cuda_rng_state")
+
+    mrandom._get_cuda_rng_state = _get_cuda_rng_state
+    mrandom._set_cuda_rng_state = _set_cuda_rng_state
 
     original_init = mrandom.initialize_rng_tracker
 

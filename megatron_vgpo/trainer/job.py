@@ -25,11 +25,17 @@ def _actor_config(cfg: TrainConfig, *, lr: float, warmup: int, schedule: str, de
     from megatron_vgpo.actor.megatron_actor import ActorConfig
 
     opt = cfg.optimizer
-    return ActorConfig(sequence_parallel=cfg.parallel.sp, lr=lr, min_lr=min(opt.min_lr, lr),
+    return ActorConfig(sequence_parallel=cfg.parallel.sp, params_dtype=actor_params_dtype(cfg),
+                       recompute=cfg.parallel.recompute, lr=lr, min_lr=min(opt.min_lr, lr),
                        weight_decay=opt.weight_decay, betas=tuple(opt.betas), adam_eps=opt.adam_eps,
                        clip_grad=opt.clip_grad, use_distributed_optimizer=opt.distributed, lr_schedule=schedule,
                        lr_warmup_steps=warmup, lr_decay_steps=decay_steps,
                        micro_batch_tokens=cfg.trainer.micro_batch_tokens)
+
+
+def actor_params_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The Megatron actor's parameter dtype for ``model.dtype`` (bfloat16: Megatron mixed precision)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
 
 
 def make_engine(cfg: TrainConfig, model_dir: Path, backend: str | None = None) -> Any:
@@ -200,7 +206,9 @@ def train_job(cfg: TrainConfig, hf_dir: Path, train_files: list[Path], val_files
                        val_boxed_fraction_after=after["val/boxed_fraction"], steps=counters["steps"],
                        resumed_from_step=counters["resumed_from_step"], algorithm=cfg.algorithm.name,
                        rollout_backend=type(engine).__name__ if engine is not None else None,
-                       load_checkpoint=str(start_ckpt) if start_ckpt is not None else None)
+                       load_checkpoint=str(start_ckpt) if start_ckpt is not None else None,
+                       actor_params_dtype=str(actor.config.params_dtype).replace("torch.", ""),
+                       recompute=actor.config.recompute)
     finally:
         if engine is not None:
             engine.shutdown()

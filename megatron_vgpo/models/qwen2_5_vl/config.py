@@ -127,14 +127,40 @@ def layer_spec(te: bool | None = None) -> Any:
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recompute_kwargs(recompute: str) -> dict[str, Any]:
+    """``TransformerConfig`` activation-recompute fields for ``recompute`` in :data:`RECOMPUTE_MODES`.
+
+    ``selective``: Megatron's selective recompute (its default module list: core attention) -- the
+    attention scores/probabilities are recomputed in the backward instead of kept; ``full``: every decoder
+    layer keeps only its input and is recomputed in the backward (``recompute_method="uniform"``,
+    ``recompute_num_layers=1``: each layer is its own checkpoint). ``none``: nothing recomputed.
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
 def transformer_config_from_hf(
-    hf_config: Any, *, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32
+    hf_config: Any,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
 ) -> Any:
     """Megatron ``TransformerConfig`` of the Qwen2.5-VL language model described by ``hf_config``.
 
     TP and PP sizes are read from Megatron's parallel state (which must be initialized). ``params_dtype``
-    is also the pipeline p2p dtype; bf16/fp16 set Megatron's matching flags. Dropout is off (Qwen2.5-VL
-    has none). Raises :class:`UnsupportedConfigError` for configs :func:`check_supported` refuses.
+    is also the pipeline p2p dtype; bf16/fp16 set Megatron's matching flags (bf16 compute in the decoder;
+    the log-prob / entropy / focus paths upcast to fp32). ``recompute``: see :func:`recompute_kwargs`.
+    Dropout is off (Qwen2.5-VL has none). Raises :class:`UnsupportedConfigError` for configs
+    :func:`check_supported` refuses.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
@@ -170,15 +196,18 @@ def transformer_config_from_hf(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         mrope_section=text_rope(hf_config)[1],
+        **recompute_kwargs(recompute),
     )
 
 
 __all__ = [
+    "RECOMPUTE_MODES",
     "UnsupportedConfigError",
     "check_supported",
     "head_dim",
     "layer_spec",
     "megatron_vocab_size",
+    "recompute_kwargs",
     "text_rope",
     "transformer_config_from_hf",
     "use_te_spec",

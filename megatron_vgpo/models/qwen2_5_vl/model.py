@@ -254,7 +254,24 @@ def _build_vision_tower(hf_config: Any, dtype: torch.dtype) -> torch.nn.Module:
     if any(p.is_meta for p in tower.parameters()):
         return tower
     device = compute_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return tower.to(device=device, dtype=dtype)
+    # parameters only: the fp32 rotary ``inv_freq`` buffers stay fp32, as transformers keeps them in bf16
+    # (bf16 positions would round beyond 256 patches)
+    return cast_parameters(tower.to(device=device), dtype)
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast every floating parameter of ``module`` to ``dtype`` in place (buffers untouched); returns it.
+
+    Megatron's local layer spec builds its norms with torch's ``RMSNorm`` in fp32 whatever
+    ``params_dtype`` (TE builds them in ``params_dtype``), and Megatron-LM's ``Float16Module`` then casts the
+    whole model. That wrapper also turns the last stage's logits to fp32, a [b, s, V/TP] fp32 copy the
+    chunked log-prob path avoids, so the parameters are cast here instead. Parameter attributes
+    (``sequence_parallel``, ``tensor_model_parallel``, ...) are kept: only ``.data`` is replaced.
+    """
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return module
 
 
 def build_model(
@@ -265,16 +282,22 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     freeze_vision: bool = False,
+    recompute: str = "none",
 ) -> Qwen2_5_VLModel:
     """Build this rank's :class:`Qwen2_5_VLModel` from an HF ``Qwen2_5_VLConfig`` (randomly initialized;
     load weights with :func:`megatron_vgpo.checkpoint.hf_mapping.load_hf_weights`).
 
     Uses Megatron's current parallel state (``init_model_parallel`` first); ``pre_process`` /
-    ``post_process`` default to whether this rank is the first / last pipeline stage.
+    ``post_process`` default to whether this rank is the first / last pipeline stage. Every parameter,
+    vision tower included, is in ``params_dtype`` (bf16: Megatron's mixed precision, the optimizer keeps
+    fp32 main params); ``recompute``: activation recompute of the decoder (``none`` | ``selective`` |
+    ``full``, see :func:`~megatron_vgpo.models.qwen2_5_vl.config.recompute_kwargs`). Options are
+    keyword-only, so callers building a second model (e.g. a frozen reference) pass the same ones.
     """
     from megatron.core import parallel_state as ps
 
-    config = transformer_config_from_hf(hf_config, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
+    config = transformer_config_from_hf(hf_config, sequence_parallel=sequence_parallel, params_dtype=params_dtype,
+                                        recompute=recompute)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
@@ -282,6 +305,7 @@ def build_model(
     model = Qwen2_5_VLModel(
         hf_config, config, pre_process=pre_process, post_process=post_process, freeze_vision=freeze_vision
     )
+    cast_parameters(model, params_dtype)  # the torch-norm fallback's fp32 weights too (see cast_parameters)
     logger.debug(
         "built Qwen2_5_VLModel stage pre=%s post=%s sp=%s",
         pre_process,
@@ -329,6 +353,7 @@ __all__ = [
     "Qwen2_5_VLModel",
     "allreduce_vision_grads",
     "build_model",
+    "cast_parameters",
     "check_right_padded",
     "image_features_per_sample",
 ]
