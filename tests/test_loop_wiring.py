@@ -11,13 +11,13 @@ checkpoint and an exact resume at DP=2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_rl_loop import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["optimizer.lr_schedule=constant", "optimizer.warmup_steps=0", "data.synthetic.num=200",
@@ -29,12 +29,7 @@ RL = ["sft.enabled=false", "trainer.prompts_per_step=4", "rollout.n=4", "trainer
 
 
 def _train(run_dir: Path, *overrides: str) -> dict:
-    command = [sys.executable, "-m", "megatron_vgpo.train", str(REPO / "examples/tiny_cpu.yaml"),
-               f"run_dir={run_dir}", *TINY, *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((run_dir / "summary.json").read_text())
+    return run_job(run_dir, *TINY, *overrides)
 
 
 def _step_records(run_dir: Path) -> list[dict]:

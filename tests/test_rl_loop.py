@@ -20,8 +20,15 @@ SMALL = ["sft.enabled=false", "optimizer.lr_schedule=constant", "optimizer.warmu
 
 
 def _train(run_dir: Path, *overrides: str) -> dict:
+    """The default job's config with :data:`SMALL` and ``overrides``, in a subprocess; returns its summary."""
+    return run_job(run_dir, *SMALL, *overrides)
+
+
+def run_job(run_dir: Path, *overrides: str) -> dict:
+    """``python -m megatron_vgpo.train examples/tiny_cpu.yaml run_dir=RUN_DIR overrides...``; asserts it succeeds
+    and returns ``summary.json``."""
     command = [sys.executable, "-m", "megatron_vgpo.train", str(REPO / "examples/tiny_cpu.yaml"),
-               f"run_dir={run_dir}", *SMALL, *overrides]
+               f"run_dir={run_dir}", *overrides]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

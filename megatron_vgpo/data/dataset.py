@@ -77,8 +77,24 @@ class BadRowError(ValueError):
 
 
 @dataclass
-class PromptSample:
-    """One processed prompt.
+class PromptInputs:
+    """What a rollout request needs of a prompt, without the image processor's output.
+
+    Attributes: ``index`` / ``source`` / ``problem`` / ``answer`` / ``images`` / ``prompt_text``, described
+    in :class:`PromptSample` (the images decoded and resized into the pixel bounds, not processed).
+    """
+
+    index: int
+    source: str
+    problem: str
+    answer: str
+    images: list[Image.Image]
+    prompt_text: str
+
+
+@dataclass
+class PromptSample(PromptInputs):
+    """One processed prompt: the request fields of :class:`PromptInputs` and the processor's output.
 
     Attributes:
         index: position of the row among the dataset's good rows.
@@ -96,33 +112,11 @@ class PromptSample:
         mm_token_type_ids: int64 [L] (1 on image tokens) when the processor returns it, else None.
     """
 
-    index: int
-    source: str
-    problem: str
-    answer: str
-    images: list[Image.Image]
-    prompt_text: str
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     mm_token_type_ids: torch.Tensor | None
-
-
-@dataclass
-class PromptInputs:
-    """What a rollout request needs of a prompt, without the image processor's output.
-
-    Attributes: ``index`` / ``source`` / ``problem`` / ``answer`` / ``images`` / ``prompt_text`` as in
-    :class:`PromptSample` (the images decoded and resized into the pixel bounds, not processed).
-    """
-
-    index: int
-    source: str
-    problem: str
-    answer: str
-    images: list[Image.Image]
-    prompt_text: str
 
 
 @dataclass(frozen=True)
