@@ -358,6 +358,9 @@ class TrainConfig:
             logger.warning("optimizer.warmup_steps=%d capped at %d: the cosine schedule has only trainer.steps x "
                            "trainer.mini_batches = %d updates", opt.warmup_steps, capped, updates)
             opt.warmup_steps = capped
+        if self.algorithm.overlong_buffer_len > self.rollout.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer_len ({self.algorithm.overlong_buffer_len}) must be <= "
+                             f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         if sft.enabled and sft.lr_schedule == "cosine" and sft.max_steps <= sft.warmup_steps:
             raise ValueError(f"sft.lr_schedule=cosine decays over sft.max_steps ({sft.max_steps}), which must "
                              f"exceed sft.warmup_steps ({sft.warmup_steps})")

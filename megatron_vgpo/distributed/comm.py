@@ -206,6 +206,8 @@ def _check_devices(name: str, tensors: Sequence[torch.Tensor], group: Any) -> No
         backend = str(dist.get_backend(group))
     except (ValueError, RuntimeError):  # not a member of ``group``: torch itself reports it
         return
+    if backend == "fake":  # torch's fake backend (meta-device memory planning) moves no data
+        return
     allowed = _backend_devices(backend)
     for tensor in tensors:
         if tensor.device not in allowed:
