@@ -228,7 +228,7 @@ class DynamicSamplingBuffer:
             self.groups_filtered += num_groups - n_kept
             self.groups_dropped += n_kept - kept_groups
             self.num_groups += kept_groups
-        logger.info("dynamic sampling round %d: kept %d groups, %d/%d collected", self.rounds, kept_groups,
+        logger.debug("dynamic sampling round %d: kept %d groups, %d/%d collected", self.rounds, kept_groups,
                     self.num_groups, self.target_groups)
         if not self.is_full and self.max_rounds > 0 and self.rounds >= self.max_rounds:
             if self.on_exhausted == "raise":
